@@ -1,0 +1,296 @@
+//! The block-device abstraction that every storage stage implements, and the errors it returns.
+//!
+//! A [`BlockDevice`] is an offset-addressed disk of fixed size. The NBD transmission layer
+//! validates every request (range, flags, read-only, length limits) before it reaches a device,
+//! so a device may assume that `offset + len <= info().size`, that `len > 0`, that lengths of
+//! reads and writes fit in the maximum payload, and that writes never reach a read-only device.
+//!
+//! Wrappers (block layers such as a cache or retry) hold the next device as
+//! `Arc<dyn BlockDevice>` and must implement every method: silently passing an operation
+//! through that a layer does not understand corrupts data (nbdkit's warning, kept here).
+
+use std::fmt;
+use std::io;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use rustix::io::Errno;
+
+/// Block size constraints advertised to clients in `NBD_INFO_BLOCK_SIZE`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockSizes {
+    /// Smallest alignment for offsets and lengths (a power of two, at most 64 KiB).
+    pub minimum: u32,
+    /// The size that performs best (a power of two, at least 512 and `minimum`).
+    pub preferred: u32,
+    /// The largest READ or WRITE payload accepted.
+    pub maximum: u32,
+}
+
+/// The largest payload a request may carry: 32 MiB, the size the NBD spec says a server should
+/// never treat as a denial of service.
+pub const MAX_PAYLOAD: u32 = 32 * 1024 * 1024;
+
+impl Default for BlockSizes {
+    fn default() -> Self {
+        BlockSizes {
+            minimum: 1,
+            preferred: 4096,
+            maximum: MAX_PAYLOAD,
+        }
+    }
+}
+
+/// What a device is and what it can do. Fixed for the device's lifetime.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceInfo {
+    /// Size in bytes.
+    pub size: u64,
+    /// Writes, trims and zeroing are refused with `EPERM`.
+    pub read_only: bool,
+    /// `trim` does something useful (it is always safe to call).
+    pub can_trim: bool,
+    /// `write_zeroes` with `fast` either succeeds quickly or fails with
+    /// [`BlockError::FastZeroUnsupported`] without touching the data.
+    pub can_fast_zero: bool,
+    /// FLUSH and FUA on one connection are visible to every other connection to the same
+    /// device when they return (no per-connection cache): `NBD_FLAG_CAN_MULTI_CONN`.
+    pub multi_conn: bool,
+    /// Seeks are slow: a hint to clients (`NBD_FLAG_ROTATIONAL`).
+    pub rotational: bool,
+    /// Constraints for clients.
+    pub block_sizes: BlockSizes,
+}
+
+/// Flags of a `write_zeroes` request.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ZeroFlags {
+    /// Data must be on stable storage before returning.
+    pub fua: bool,
+    /// The range must stay allocated: do not punch a hole.
+    pub no_hole: bool,
+    /// Fail quickly with [`BlockError::FastZeroUnsupported`] unless zeroing is faster than
+    /// writing zeroes; leave the data unchanged when failing.
+    pub fast: bool,
+}
+
+/// A piece of a read result, in order. Holes let the server send `NBD_REPLY_TYPE_OFFSET_HOLE`
+/// instead of zero bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReadChunk {
+    /// These bytes.
+    Data(Bytes),
+    /// This many zero bytes.
+    Zero(u32),
+}
+
+impl ReadChunk {
+    /// Number of bytes this chunk covers.
+    pub fn len(&self) -> u32 {
+        match self {
+            // A chunk never exceeds a read, which is at most `MAX_PAYLOAD` bytes.
+            ReadChunk::Data(b) => b.len() as u32,
+            ReadChunk::Zero(n) => *n,
+        }
+    }
+
+    /// True if the chunk covers no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The result of a read: chunks that together cover exactly the requested range.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReadData {
+    chunks: Vec<ReadChunk>,
+}
+
+impl ReadData {
+    /// A read result of one data buffer.
+    pub fn data(bytes: Bytes) -> Self {
+        ReadData {
+            chunks: vec![ReadChunk::Data(bytes)],
+        }
+    }
+
+    /// Appends a chunk, merging it with the previous one when both are zeroes.
+    pub fn push(&mut self, chunk: ReadChunk) {
+        if chunk.is_empty() {
+            return;
+        }
+        if let (Some(ReadChunk::Zero(prev)), ReadChunk::Zero(n)) = (self.chunks.last_mut(), &chunk)
+        {
+            *prev += n;
+            return;
+        }
+        self.chunks.push(chunk);
+    }
+
+    /// The chunks in order.
+    pub fn chunks(&self) -> &[ReadChunk] {
+        &self.chunks
+    }
+
+    /// Total length covered.
+    pub fn len(&self) -> u64 {
+        self.chunks.iter().map(|c| u64::from(c.len())).sum()
+    }
+
+    /// True if no bytes are covered.
+    pub fn is_empty(&self) -> bool {
+        self.chunks.is_empty()
+    }
+
+    /// The whole range as contiguous bytes (zeroes filled in). Used by tests and by layers
+    /// that need a flat buffer.
+    pub fn to_bytes(&self) -> Bytes {
+        if let [ReadChunk::Data(b)] = self.chunks.as_slice() {
+            return b.clone();
+        }
+        let mut out = Vec::with_capacity(self.len() as usize);
+        for c in &self.chunks {
+            match c {
+                ReadChunk::Data(b) => out.extend_from_slice(b),
+                ReadChunk::Zero(n) => out.resize(out.len() + *n as usize, 0),
+            }
+        }
+        Bytes::from(out)
+    }
+}
+
+/// `base:allocation` state of an extent: `NBD_STATE_HOLE`.
+pub const STATE_HOLE: u32 = 1;
+/// `base:allocation` state of an extent: `NBD_STATE_ZERO`.
+pub const STATE_ZERO: u32 = 2;
+
+/// A run of bytes with one allocation state, for `NBD_CMD_BLOCK_STATUS`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    /// Length in bytes, never zero.
+    pub length: u64,
+    /// `STATE_HOLE` and/or `STATE_ZERO`; 0 means allocated data.
+    pub flags: u32,
+}
+
+/// Why a block operation failed. Each variant maps to exactly one NBD error code.
+#[derive(Debug, thiserror::Error)]
+pub enum BlockError {
+    /// An I/O error from the storage below.
+    #[error("{op} at offset {offset}: {source}")]
+    Io {
+        /// The operation that failed.
+        op: &'static str,
+        /// Where it failed.
+        offset: u64,
+        /// What the system said.
+        #[source]
+        source: io::Error,
+    },
+    /// `write_zeroes` with `fast` cannot be done faster than writing zeroes.
+    #[error("fast zeroing is not supported here")]
+    FastZeroUnsupported,
+    /// The device is read-only.
+    #[error("the export is read-only")]
+    ReadOnly,
+    /// No room left in the storage below.
+    #[error("no space left: {0}")]
+    NoSpace(String),
+}
+
+/// NBD error codes (protocol section "Error values").
+pub mod errno {
+    /// Operation not permitted.
+    pub const EPERM: u32 = 1;
+    /// Input/output error.
+    pub const EIO: u32 = 5;
+    /// Cannot allocate memory.
+    pub const ENOMEM: u32 = 12;
+    /// Invalid argument.
+    pub const EINVAL: u32 = 22;
+    /// No space left on device.
+    pub const ENOSPC: u32 = 28;
+    /// Value too large (DF reads, over-long effect lengths).
+    pub const EOVERFLOW: u32 = 75;
+    /// Operation not supported (only for FAST_ZERO).
+    pub const ENOTSUP: u32 = 95;
+    /// Server shutting down.
+    pub const ESHUTDOWN: u32 = 108;
+}
+
+impl BlockError {
+    /// Wraps an I/O error with the operation and offset where it happened.
+    pub fn io(op: &'static str, offset: u64, source: io::Error) -> Self {
+        BlockError::Io { op, offset, source }
+    }
+
+    /// The NBD error code sent to the client.
+    pub fn nbd_errno(&self) -> u32 {
+        match self {
+            BlockError::Io { source, .. } => match Errno::from_io_error(source) {
+                Some(Errno::NOSPC | Errno::DQUOT | Errno::FBIG) => errno::ENOSPC,
+                Some(Errno::PERM | Errno::ACCESS | Errno::ROFS) => errno::EPERM,
+                Some(Errno::NOMEM) => errno::ENOMEM,
+                Some(Errno::INVAL) => errno::EINVAL,
+                _ => errno::EIO,
+            },
+            BlockError::FastZeroUnsupported => errno::ENOTSUP,
+            BlockError::ReadOnly => errno::EPERM,
+            BlockError::NoSpace(_) => errno::ENOSPC,
+        }
+    }
+
+    /// True if trying again may succeed (a retry layer's question).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            BlockError::Io { source, .. } => matches!(
+                source.kind(),
+                io::ErrorKind::Interrupted
+                    | io::ErrorKind::TimedOut
+                    | io::ErrorKind::WouldBlock
+                    | io::ErrorKind::ConnectionReset
+                    | io::ErrorKind::ConnectionAborted
+                    | io::ErrorKind::ConnectionRefused
+            ),
+            _ => false,
+        }
+    }
+}
+
+/// An offset-addressed disk. See the module documentation for what callers guarantee.
+///
+/// Every method may be called concurrently from many connections. A write that has returned
+/// is visible to every later read on any connection; `flush` makes every write that returned
+/// before it durable; `fua` makes one operation durable before it returns.
+#[async_trait]
+pub trait BlockDevice: Send + Sync + fmt::Debug + 'static {
+    /// Size and capabilities.
+    fn info(&self) -> &DeviceInfo;
+
+    /// Reads `len` bytes at `offset`. The chunks cover exactly that range.
+    async fn read(&self, offset: u64, len: u32) -> Result<ReadData, BlockError>;
+
+    /// Writes `data` at `offset`; with `fua`, durably.
+    async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), BlockError>;
+
+    /// Makes every write that has returned durable.
+    async fn flush(&self) -> Result<(), BlockError>;
+
+    /// Hints that the range is no longer needed. Afterwards its content is unspecified
+    /// (the built-in stores make it read as zeroes).
+    async fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<(), BlockError>;
+
+    /// Makes the range read as zeroes.
+    async fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags)
+    -> Result<(), BlockError>;
+
+    /// Hints that the range will be read soon. Failure changes nothing.
+    async fn cache(&self, offset: u64, len: u64) -> Result<(), BlockError>;
+
+    /// Describes allocation from `offset`: at least one extent, starting at `offset`, of total
+    /// length at most `len` (a device may describe less than asked, never more).
+    async fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>, BlockError>;
+
+    /// Flushes what is dirty and releases resources. Called once, when the export retires.
+    async fn close(&self) -> Result<(), BlockError>;
+}

@@ -1,0 +1,81 @@
+//! Sizes such as `64MiB`, `20G` or `4096`: binary units, as qemu-img and nbdkit read them.
+
+/// The largest size accepted: what a file offset can address.
+pub const MAX_SIZE: u64 = i64::MAX as u64;
+
+/// Why a size was refused. The message quotes the text.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SizeError {
+    /// Not a number with a unit.
+    #[error(
+        "bad size {text:?}: {why} (expected a number with an optional unit, like 512, 64KiB, 20GiB or 1T)"
+    )]
+    Malformed {
+        /// What was given.
+        text: String,
+        /// What the parser said.
+        why: String,
+    },
+    /// Zero.
+    #[error("bad size {0:?}: a size must be greater than zero")]
+    Zero(String),
+    /// Beyond what a file can hold.
+    #[error("bad size {0:?}: the largest size is 8 EiB - 1 byte")]
+    TooLarge(String),
+}
+
+/// Parses a size in bytes. Units are binary: `K`, `KiB` and `KB` all mean 1024.
+pub fn parse_size(text: &str) -> Result<u64, SizeError> {
+    let n = parse_size::Config::new()
+        .with_binary()
+        .parse_size(text.trim())
+        .map_err(|e| match e {
+            parse_size::Error::PosOverflow => SizeError::TooLarge(text.to_owned()),
+            other => SizeError::Malformed {
+                text: text.to_owned(),
+                why: other.to_string(),
+            },
+        })?;
+    if n == 0 {
+        return Err(SizeError::Zero(text.to_owned()));
+    }
+    if n > MAX_SIZE {
+        return Err(SizeError::TooLarge(text.to_owned()));
+    }
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn units_are_binary() {
+        assert_eq!(parse_size("1GiB"), Ok(1 << 30));
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert_eq!(parse_size("64MiB"), Ok(64 << 20));
+        assert_eq!(parse_size("4k"), Ok(4096));
+        assert_eq!(parse_size("512"), Ok(512));
+        assert_eq!(parse_size("1TiB"), Ok(1 << 40));
+    }
+
+    #[test]
+    fn bad_sizes_say_what_is_wrong() {
+        assert_eq!(
+            parse_size("abc").unwrap_err().to_string(),
+            "bad size \"abc\": invalid digit found in string (expected a number with an optional unit, like 512, 64KiB, 20GiB or 1T)"
+        );
+        assert_eq!(
+            parse_size("0").unwrap_err().to_string(),
+            "bad size \"0\": a size must be greater than zero"
+        );
+        assert_eq!(
+            parse_size("9EiB").unwrap_err().to_string(),
+            "bad size \"9EiB\": the largest size is 8 EiB - 1 byte"
+        );
+        assert_eq!(
+            parse_size("99999999999999999999").unwrap_err().to_string(),
+            "bad size \"99999999999999999999\": the largest size is 8 EiB - 1 byte"
+        );
+    }
+}

@@ -1,0 +1,53 @@
+//! Exports: named block devices, and the table clients choose them from.
+
+use std::sync::Arc;
+
+use crate::block::BlockDevice;
+
+/// A block device served under a name.
+#[derive(Debug)]
+pub struct Export {
+    /// The name clients ask for.
+    pub name: String,
+    /// A human-readable description, shown by `nbdinfo --list` (may be empty).
+    pub description: String,
+    /// The storage pipeline.
+    pub device: Arc<dyn BlockDevice>,
+}
+
+/// The exports a server offers, in the order they were declared. The first one is also served
+/// under the empty name `""`, which clients such as `nbdinfo nbd://host` ask for.
+#[derive(Debug, Default)]
+pub struct ExportTable {
+    exports: Vec<Arc<Export>>,
+}
+
+impl ExportTable {
+    /// A table of these exports, the first being the default.
+    pub fn new(exports: Vec<Arc<Export>>) -> Self {
+        ExportTable { exports }
+    }
+
+    /// The export a client asking for `name` gets.
+    pub fn get(&self, name: &str) -> Option<&Arc<Export>> {
+        if name.is_empty() {
+            return self.exports.first();
+        }
+        self.exports.iter().find(|e| e.name == name)
+    }
+
+    /// Every export, in order.
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Export>> {
+        self.exports.iter()
+    }
+
+    /// Number of exports.
+    pub fn len(&self) -> usize {
+        self.exports.len()
+    }
+
+    /// True if there are no exports.
+    pub fn is_empty(&self) -> bool {
+        self.exports.is_empty()
+    }
+}

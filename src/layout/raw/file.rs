@@ -1,0 +1,404 @@
+//! `raw -> file`: a plain image file served with positioned reads and writes.
+//!
+//! TRIM punches holes, WRITE_ZEROES punches holes or zeroes a range in place (NO_HOLE), block
+//! status comes from `SEEK_DATA` / `SEEK_HOLE`, FLUSH and FUA are `fdatasync`. One file
+//! descriptor is shared by every connection, so a flush on one connection covers writes made on
+//! all of them (multi-conn is safe). Blocking system calls run on tokio's blocking pool.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use rustix::fs::{FallocateFlags, SeekFrom};
+use rustix::io::Errno;
+
+use crate::block::{
+    BlockDevice, BlockError, BlockSizes, DeviceInfo, Extent, ReadData, STATE_HOLE, STATE_ZERO,
+    ZeroFlags,
+};
+
+/// Block status reports at most this many extents per call; clients ask again for the rest.
+const MAX_EXTENTS: usize = 1024;
+/// Zeroes written per call when the file system cannot zero a range itself.
+const ZERO_BUF: usize = 1 << 20;
+static ZEROES: [u8; ZERO_BUF] = [0; ZERO_BUF];
+
+/// Why an image could not be opened. Each message names the path.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// The image does not exist and no size was given to create it.
+    #[error("image {0} does not exist (give a size to create it)")]
+    Missing(PathBuf),
+    /// The path is not a regular file or block device.
+    #[error("{0} is not a regular file")]
+    NotAFile(PathBuf),
+    /// The image exists with another size than the one configured.
+    #[error("image {path} is {actual} bytes, but a size of {wanted} bytes was asked for")]
+    SizeMismatch {
+        /// The image.
+        path: PathBuf,
+        /// Its size.
+        actual: u64,
+        /// The configured size.
+        wanted: u64,
+    },
+    /// The image is empty: there is nothing to serve.
+    #[error("image {0} is empty")]
+    Empty(PathBuf),
+    /// The system refused.
+    #[error("cannot open image {path}: {source}")]
+    Io {
+        /// The image.
+        path: PathBuf,
+        /// What the system said.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// A raw image file.
+pub struct FileImage {
+    info: DeviceInfo,
+    path: PathBuf,
+    file: Arc<File>,
+}
+
+impl std::fmt::Debug for FileImage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FileImage")
+            .field("path", &self.path)
+            .field("size", &self.info.size)
+            .finish_non_exhaustive()
+    }
+}
+
+impl FileImage {
+    /// Opens the image at `path`. With `create_size`, a missing image is created (sparse) with
+    /// that size, and an existing one must already have it.
+    pub fn open(path: &Path, create_size: Option<u64>, read_only: bool) -> Result<Self, OpenError> {
+        let io_err = |source| OpenError::Io {
+            path: path.to_owned(),
+            source,
+        };
+        let exists = match std::fs::metadata(path) {
+            Ok(_) => true,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => false,
+            Err(e) => return Err(io_err(e)),
+        };
+        let file = if exists {
+            OpenOptions::new()
+                .read(true)
+                .write(!read_only)
+                .open(path)
+                .map_err(io_err)?
+        } else {
+            let Some(size) = create_size else {
+                return Err(OpenError::Missing(path.to_owned()));
+            };
+            if read_only {
+                return Err(OpenError::Missing(path.to_owned()));
+            }
+            let f = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(path)
+                .map_err(io_err)?;
+            f.set_len(size).map_err(io_err)?;
+            f
+        };
+        let meta = file.metadata().map_err(io_err)?;
+        if !meta.file_type().is_file() {
+            return Err(OpenError::NotAFile(path.to_owned()));
+        }
+        let size = meta.len();
+        if let Some(wanted) = create_size
+            && wanted != size
+        {
+            return Err(OpenError::SizeMismatch {
+                path: path.to_owned(),
+                actual: size,
+                wanted,
+            });
+        }
+        if size == 0 {
+            return Err(OpenError::Empty(path.to_owned()));
+        }
+        Ok(FileImage {
+            info: DeviceInfo {
+                size,
+                read_only,
+                can_trim: true,
+                can_fast_zero: true,
+                multi_conn: true,
+                rotational: false,
+                block_sizes: BlockSizes::default(),
+            },
+            path: path.to_owned(),
+            file: Arc::new(file),
+        })
+    }
+
+    /// The image's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs a blocking call on the blocking pool with the shared file.
+    async fn blocking<T, F>(&self, op: &'static str, offset: u64, f: F) -> Result<T, BlockError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&File) -> io::Result<T> + Send + 'static,
+    {
+        let file = Arc::clone(&self.file);
+        match tokio::task::spawn_blocking(move || f(&file)).await {
+            Ok(r) => r.map_err(|e| BlockError::io(op, offset, e)),
+            Err(join) => Err(BlockError::io(
+                op,
+                offset,
+                io::Error::other(join.to_string()),
+            )),
+        }
+    }
+}
+
+fn errno_to_io(e: Errno) -> io::Error {
+    io::Error::from_raw_os_error(e.raw_os_error())
+}
+
+/// True if the file system cannot do this kind of fallocate.
+fn unsupported(e: &io::Error) -> bool {
+    matches!(
+        Errno::from_io_error(e),
+        Some(Errno::OPNOTSUPP | Errno::NOSYS | Errno::INVAL)
+    )
+}
+
+fn write_zeroes_slow(file: &File, mut offset: u64, len: u64) -> io::Result<()> {
+    let end = offset + len;
+    while offset < end {
+        let n = ZERO_BUF.min((end - offset) as usize);
+        file.write_all_at(&ZEROES[..n], offset)?;
+        offset += n as u64;
+    }
+    Ok(())
+}
+
+fn extents(file: &File, offset: u64, end: u64) -> io::Result<Vec<Extent>> {
+    let mut out = Vec::new();
+    let mut pos = offset;
+    while pos < end && out.len() < MAX_EXTENTS {
+        let data = match rustix::fs::seek(file, SeekFrom::Data(pos)) {
+            Ok(d) => d.min(end),
+            // No data at or after pos: the rest is a hole.
+            Err(Errno::NXIO) => end,
+            Err(e) => return Err(errno_to_io(e)),
+        };
+        if data > pos {
+            out.push(Extent {
+                length: data - pos,
+                flags: STATE_HOLE | STATE_ZERO,
+            });
+            pos = data;
+            continue;
+        }
+        let hole = match rustix::fs::seek(file, SeekFrom::Hole(pos)) {
+            Ok(h) => h.min(end),
+            Err(Errno::NXIO) => end,
+            Err(e) => return Err(errno_to_io(e)),
+        };
+        // A file system without hole support reports the end of the file; never loop forever.
+        let hole = hole.max(pos + 1).min(end);
+        out.push(Extent {
+            length: hole - pos,
+            flags: 0,
+        });
+        pos = hole;
+    }
+    Ok(out)
+}
+
+#[async_trait]
+impl BlockDevice for FileImage {
+    fn info(&self) -> &DeviceInfo {
+        &self.info
+    }
+
+    async fn read(&self, offset: u64, len: u32) -> Result<ReadData, BlockError> {
+        let bytes = self
+            .blocking("read", offset, move |f| {
+                let mut buf = vec![0u8; len as usize];
+                f.read_exact_at(&mut buf, offset)?;
+                Ok(buf)
+            })
+            .await?;
+        Ok(ReadData::data(Bytes::from(bytes)))
+    }
+
+    async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), BlockError> {
+        if self.info.read_only {
+            return Err(BlockError::ReadOnly);
+        }
+        self.blocking("write", offset, move |f| {
+            f.write_all_at(&data, offset)?;
+            if fua {
+                f.sync_data()?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn flush(&self) -> Result<(), BlockError> {
+        if self.info.read_only {
+            return Ok(());
+        }
+        self.blocking("flush", 0, |f| f.sync_data()).await
+    }
+
+    async fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<(), BlockError> {
+        if self.info.read_only {
+            return Err(BlockError::ReadOnly);
+        }
+        self.blocking("trim", offset, move |f| {
+            let flags = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
+            match rustix::fs::fallocate(f, flags, offset, len) {
+                Ok(()) => {}
+                // TRIM is a hint: a file system that cannot punch holes ignores it.
+                Err(e) if unsupported(&errno_to_io(e)) => return Ok(()),
+                Err(e) => return Err(errno_to_io(e)),
+            }
+            if fua {
+                f.sync_data()?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        flags: ZeroFlags,
+    ) -> Result<(), BlockError> {
+        if self.info.read_only {
+            return Err(BlockError::ReadOnly);
+        }
+        let result = self
+            .blocking("write_zeroes", offset, move |f| {
+                let mode = if flags.no_hole {
+                    FallocateFlags::ZERO_RANGE | FallocateFlags::KEEP_SIZE
+                } else {
+                    FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE
+                };
+                match rustix::fs::fallocate(f, mode, offset, len) {
+                    Ok(()) => {}
+                    Err(e) if unsupported(&errno_to_io(e)) => {
+                        if flags.fast {
+                            return Ok(false);
+                        }
+                        write_zeroes_slow(f, offset, len)?;
+                    }
+                    Err(e) => return Err(errno_to_io(e)),
+                }
+                if flags.fua {
+                    f.sync_data()?;
+                }
+                Ok(true)
+            })
+            .await?;
+        if result {
+            Ok(())
+        } else {
+            Err(BlockError::FastZeroUnsupported)
+        }
+    }
+
+    async fn cache(&self, offset: u64, len: u64) -> Result<(), BlockError> {
+        self.blocking("cache", offset, move |f| {
+            let len = std::num::NonZeroU64::new(len);
+            rustix::fs::fadvise(f, offset, len, rustix::fs::Advice::WillNeed).map_err(errno_to_io)
+        })
+        .await
+    }
+
+    async fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>, BlockError> {
+        let end = offset + len;
+        self.blocking("block_status", offset, move |f| extents(f, offset, end))
+            .await
+    }
+
+    async fn close(&self) -> Result<(), BlockError> {
+        self.flush().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tmp(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("nbd-rs-file-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_file(&dir);
+        dir
+    }
+
+    #[test]
+    fn missing_image_without_size_is_an_error_naming_it() {
+        let p = tmp("missing");
+        let e = FileImage::open(&p, None, false).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "image {} does not exist (give a size to create it)",
+                p.display()
+            )
+        );
+    }
+
+    #[test]
+    fn size_mismatch_is_refused() {
+        let p = tmp("mismatch");
+        std::fs::write(&p, vec![1u8; 4096]).unwrap();
+        let e = FileImage::open(&p, Some(8192), false).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "image {} is 4096 bytes, but a size of 8192 bytes was asked for",
+                p.display()
+            )
+        );
+        std::fs::remove_file(&p).unwrap();
+    }
+
+    #[tokio::test]
+    async fn created_image_is_sparse_and_round_trips() {
+        let p = tmp("roundtrip");
+        let img = FileImage::open(&p, Some(8 << 20), false).unwrap();
+        assert_eq!(img.info().size, 8 << 20);
+        let st = img.block_status(0, 8 << 20).await.unwrap();
+        assert_eq!(
+            st,
+            vec![Extent {
+                length: 8 << 20,
+                flags: 3
+            }]
+        );
+        img.write(1 << 20, Bytes::from(vec![9u8; 4096]), true)
+            .await
+            .unwrap();
+        let r = img.read(1 << 20, 4096).await.unwrap().to_bytes();
+        assert!(r.iter().all(|&b| b == 9));
+        let st = img.block_status(0, 8 << 20).await.unwrap();
+        assert!(st.iter().any(|e| e.flags == 0), "{st:?}");
+        img.trim(0, 8 << 20, false).await.unwrap();
+        let r = img.read(1 << 20, 4096).await.unwrap().to_bytes();
+        assert!(r.iter().all(|&b| b == 0));
+        std::fs::remove_file(&p).unwrap();
+    }
+}

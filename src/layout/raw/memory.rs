@@ -1,0 +1,340 @@
+//! `raw -> memory`: a sparse disk in RAM that costs only the pages written to it.
+//!
+//! The disk is cut into 32 KiB pages kept in 64 independently locked shards (page `n` lives in
+//! shard `n % 64`, so sequential I/O spreads over all of them). A page that was never written,
+//! or was trimmed or zeroed whole, is absent and reads as a hole. Each shard is a `BTreeMap` so
+//! that block status can find the present pages in a range without visiting the absent ones.
+
+use std::collections::BTreeMap;
+use std::sync::{Mutex, MutexGuard};
+
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+
+use crate::block::{
+    BlockDevice, BlockError, BlockSizes, DeviceInfo, Extent, ReadChunk, ReadData, STATE_HOLE,
+    STATE_ZERO, ZeroFlags,
+};
+
+const PAGE: u64 = 32 * 1024;
+const SHARDS: u64 = 64;
+/// Block status looks at most this far ahead in one call; clients ask again for the rest.
+const STATUS_SPAN: u64 = 1 << 30;
+
+type Page = Box<[u8]>;
+
+/// A sparse in-memory disk.
+pub struct MemoryImage {
+    info: DeviceInfo,
+    shards: Box<[Mutex<BTreeMap<u64, Page>>]>,
+}
+
+impl std::fmt::Debug for MemoryImage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryImage")
+            .field("size", &self.info.size)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One page's share of a byte range: page number, offset in the page, length.
+fn pieces(offset: u64, len: u64) -> impl Iterator<Item = (u64, usize, usize)> {
+    let end = offset + len;
+    let mut pos = offset;
+    std::iter::from_fn(move || {
+        if pos >= end {
+            return None;
+        }
+        let page = pos / PAGE;
+        let in_page = pos % PAGE;
+        let n = (PAGE - in_page).min(end - pos);
+        pos += n;
+        // Both fit in usize: they are below PAGE.
+        Some((page, in_page as usize, n as usize))
+    })
+}
+
+impl MemoryImage {
+    /// A zero-filled disk of `size` bytes.
+    pub fn new(size: u64, read_only: bool) -> Self {
+        MemoryImage {
+            info: DeviceInfo {
+                size,
+                read_only,
+                can_trim: true,
+                can_fast_zero: true,
+                multi_conn: true,
+                rotational: false,
+                block_sizes: BlockSizes::default(),
+            },
+            shards: (0..SHARDS).map(|_| Mutex::new(BTreeMap::new())).collect(),
+        }
+    }
+
+    fn shard(&self, page: u64) -> MutexGuard<'_, BTreeMap<u64, Page>> {
+        // A poisoned lock means a panic while copying bytes; the map itself is still sound.
+        self.shards[(page % SHARDS) as usize]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Bytes held in pages: what this disk costs.
+    pub fn allocated(&self) -> u64 {
+        (0..SHARDS).map(|s| self.shard(s).len() as u64 * PAGE).sum()
+    }
+
+    fn read_sync(&self, offset: u64, len: u32) -> ReadData {
+        let mut out = ReadData::default();
+        let mut buf = BytesMut::new();
+        for (page, start, n) in pieces(offset, u64::from(len)) {
+            let shard = self.shard(page);
+            match shard.get(&page) {
+                Some(p) => {
+                    if buf.capacity() == 0 {
+                        buf.reserve(len as usize);
+                    }
+                    buf.extend_from_slice(&p[start..start + n]);
+                }
+                None => {
+                    drop(shard);
+                    if !buf.is_empty() {
+                        out.push(ReadChunk::Data(buf.split().freeze()));
+                    }
+                    out.push(ReadChunk::Zero(n as u32));
+                }
+            }
+        }
+        if !buf.is_empty() {
+            out.push(ReadChunk::Data(buf.freeze()));
+        }
+        out
+    }
+
+    fn write_sync(&self, offset: u64, data: &[u8]) {
+        let mut src = data;
+        for (page, start, n) in pieces(offset, data.len() as u64) {
+            let mut shard = self.shard(page);
+            let p = shard
+                .entry(page)
+                .or_insert_with(|| vec![0u8; PAGE as usize].into_boxed_slice());
+            p[start..start + n].copy_from_slice(&src[..n]);
+            src = &src[n..];
+        }
+    }
+
+    fn zero_sync(&self, offset: u64, len: u64) {
+        // Whole pages are dropped; the partial pages at either end are zeroed in place.
+        let first_whole = offset.div_ceil(PAGE);
+        let end_whole = (offset + len) / PAGE;
+        let head_end = (first_whole * PAGE).min(offset + len);
+        if offset < head_end {
+            self.zero_partial(offset, head_end - offset);
+        }
+        if first_whole < end_whole {
+            for s in 0..SHARDS {
+                let mut shard = self.shard(s);
+                let doomed: Vec<u64> = shard
+                    .range(first_whole..end_whole)
+                    .map(|(k, _)| *k)
+                    .collect();
+                for k in doomed {
+                    shard.remove(&k);
+                }
+            }
+        }
+        let tail_start = (end_whole * PAGE).max(head_end);
+        if tail_start < offset + len {
+            self.zero_partial(tail_start, offset + len - tail_start);
+        }
+    }
+
+    fn zero_partial(&self, offset: u64, len: u64) {
+        for (page, start, n) in pieces(offset, len) {
+            if let Some(p) = self.shard(page).get_mut(&page) {
+                p[start..start + n].fill(0);
+            }
+        }
+    }
+
+    fn block_status_sync(&self, offset: u64, len: u64) -> Vec<Extent> {
+        let end = offset + len.min(STATUS_SPAN);
+        let first = offset / PAGE;
+        let last = end.div_ceil(PAGE);
+        let mut present: Vec<u64> = Vec::new();
+        for s in 0..SHARDS {
+            present.extend(self.shard(s).range(first..last).map(|(k, _)| *k));
+        }
+        present.sort_unstable();
+
+        let mut extents: Vec<Extent> = Vec::new();
+        let mut push = |length: u64, flags: u32| {
+            if length == 0 {
+                return;
+            }
+            match extents.last_mut() {
+                Some(e) if e.flags == flags => e.length += length,
+                _ => extents.push(Extent { length, flags }),
+            }
+        };
+        let mut pos = offset;
+        for page in present {
+            let start = (page * PAGE).max(offset);
+            let stop = ((page + 1) * PAGE).min(end);
+            push(start - pos, STATE_HOLE | STATE_ZERO);
+            push(stop - start, 0);
+            pos = stop;
+        }
+        push(end - pos, STATE_HOLE | STATE_ZERO);
+        extents
+    }
+}
+
+#[async_trait]
+impl BlockDevice for MemoryImage {
+    fn info(&self) -> &DeviceInfo {
+        &self.info
+    }
+
+    async fn read(&self, offset: u64, len: u32) -> Result<ReadData, BlockError> {
+        Ok(self.read_sync(offset, len))
+    }
+
+    async fn write(&self, offset: u64, data: Bytes, _fua: bool) -> Result<(), BlockError> {
+        if self.info.read_only {
+            return Err(BlockError::ReadOnly);
+        }
+        self.write_sync(offset, &data);
+        Ok(())
+    }
+
+    async fn flush(&self) -> Result<(), BlockError> {
+        Ok(())
+    }
+
+    async fn trim(&self, offset: u64, len: u64, _fua: bool) -> Result<(), BlockError> {
+        if self.info.read_only {
+            return Err(BlockError::ReadOnly);
+        }
+        self.zero_sync(offset, len);
+        Ok(())
+    }
+
+    async fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        _flags: ZeroFlags,
+    ) -> Result<(), BlockError> {
+        if self.info.read_only {
+            return Err(BlockError::ReadOnly);
+        }
+        // Dropping pages is always fast, and NO_HOLE has no meaning for memory: a page is
+        // never "provisioned" in a way a later write could fail to get.
+        self.zero_sync(offset, len);
+        Ok(())
+    }
+
+    async fn cache(&self, _offset: u64, _len: u64) -> Result<(), BlockError> {
+        Ok(())
+    }
+
+    async fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>, BlockError> {
+        Ok(self.block_status_sync(offset, len))
+    }
+
+    async fn close(&self) -> Result<(), BlockError> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read_all(m: &MemoryImage, offset: u64, len: u32) -> Vec<u8> {
+        m.read_sync(offset, len).to_bytes().to_vec()
+    }
+
+    #[test]
+    fn unwritten_reads_as_one_hole() {
+        let m = MemoryImage::new(1 << 40, false);
+        let r = m.read_sync(12345, 100_000);
+        assert_eq!(r.chunks(), &[ReadChunk::Zero(100_000)]);
+        assert_eq!(m.allocated(), 0);
+    }
+
+    #[test]
+    fn write_across_pages_reads_back_with_holes_around() {
+        let m = MemoryImage::new(1 << 20, false);
+        let data: Vec<u8> = (0..60_000u32).map(|i| (i % 251) as u8 + 1).collect();
+        m.write_sync(PAGE - 10, &data);
+        assert_eq!(read_all(&m, PAGE - 10, 60_000), data);
+        let r = m.read_sync(0, 4 * PAGE as u32);
+        let kinds: Vec<(bool, u32)> = r
+            .chunks()
+            .iter()
+            .map(|c| (matches!(c, ReadChunk::Data(_)), c.len()))
+            .collect();
+        // Page 0 is present (written from PAGE-10), pages 1 and 2 too, page 3 is absent.
+        assert_eq!(kinds, vec![(true, 3 * PAGE as u32), (false, PAGE as u32)]);
+        assert_eq!(m.allocated(), 3 * PAGE);
+    }
+
+    #[test]
+    fn zero_drops_whole_pages_and_zeroes_partial_ones() {
+        let m = MemoryImage::new(1 << 20, false);
+        m.write_sync(0, &vec![7u8; 4 * PAGE as usize]);
+        m.zero_sync(100, 2 * PAGE);
+        let got = read_all(&m, 0, 4 * PAGE as u32);
+        assert!(got[..100].iter().all(|&b| b == 7));
+        assert!(got[100..100 + 2 * PAGE as usize].iter().all(|&b| b == 0));
+        assert!(got[100 + 2 * PAGE as usize..].iter().all(|&b| b == 7));
+        // Page 1 was covered whole and is gone; 0 and 2 were partial and stay.
+        assert_eq!(m.allocated(), 3 * PAGE);
+    }
+
+    #[test]
+    fn block_status_describes_pages_and_holes() {
+        let m = MemoryImage::new(1 << 20, false);
+        m.write_sync(PAGE, b"x");
+        let e = m.block_status_sync(0, 1 << 20);
+        assert_eq!(
+            e,
+            vec![
+                Extent {
+                    length: PAGE,
+                    flags: 3
+                },
+                Extent {
+                    length: PAGE,
+                    flags: 0
+                },
+                Extent {
+                    length: (1 << 20) - 2 * PAGE,
+                    flags: 3
+                },
+            ]
+        );
+        let e = m.block_status_sync(PAGE + 5, 10);
+        assert_eq!(
+            e,
+            vec![Extent {
+                length: 10,
+                flags: 0
+            }]
+        );
+    }
+
+    #[test]
+    fn block_status_of_a_huge_empty_disk_is_bounded() {
+        let m = MemoryImage::new(1 << 50, false);
+        let e = m.block_status_sync(0, 1 << 50);
+        assert_eq!(
+            e,
+            vec![Extent {
+                length: STATUS_SPAN,
+                flags: 3
+            }]
+        );
+    }
+}

@@ -1,0 +1,19 @@
+//! nbd-rs: a Network Block Device server.
+//!
+//! A client's request travels through these modules:
+//! - [`server`]: listeners and accept loops; one task per connection.
+//! - [`nbd`]: the protocol. [`nbd::handshake`] negotiates options and picks an export,
+//!   [`nbd::transmission`] validates and runs requests, [`nbd::wire`] encodes the bytes.
+//! - [`export`]: the table of named exports.
+//! - [`block`]: the [`block::BlockDevice`] trait every storage stage implements.
+//! - [`layout`]: how a disk maps onto storage (`raw` today).
+//! - [`config`]: sizes and the command line's `-e NAME DRIVER CONN` grammar.
+//! - [`cli`]: the command-line definition.
+
+pub mod block;
+pub mod cli;
+pub mod config;
+pub mod export;
+pub mod layout;
+pub mod nbd;
+pub mod server;

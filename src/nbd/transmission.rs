@@ -1,0 +1,660 @@
+//! The transmission phase: requests read in batches, run concurrently, answered as they finish.
+//!
+//! One reader loop parses every request already buffered before reading the socket again, and
+//! reads write payloads straight into their own buffers. Each valid request runs as its own
+//! task, so independent requests on one connection proceed in parallel. A writer task sends
+//! replies as they complete, many per vectored write. A per-connection budget bounds the bytes
+//! in flight, so a connection costs no more than its in-flight requests.
+
+use std::io::{self, IoSlice};
+use std::sync::Arc;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use super::handshake::Session;
+use super::proto::{BASE_ALLOCATION_ID, cflag, cmd, reply, tflag};
+use super::wire::{self, Frames, ReplyMode, Request};
+use crate::block::{BlockError, Extent, MAX_PAYLOAD, ReadChunk, ZeroFlags, errno};
+
+/// Budget units per connection; a request costs one unit plus one per 64 KiB it carries, so
+/// at most about 64 MiB or 1024 requests are in flight on one connection.
+const BUDGET_UNITS: u32 = 1024;
+const UNIT_BYTES: u64 = 64 * 1024;
+/// Replies gathered into one vectored write at most.
+const MAX_BATCH: usize = 128;
+/// `IOV_MAX` on Linux.
+const MAX_IOVECS: usize = 1024;
+/// Read-ahead buffer: refilled in steps of this size.
+const READ_CHUNK: usize = 128 * 1024;
+
+static ZEROES: [u8; 1 << 20] = [0; 1 << 20];
+
+/// How a transmission phase ended.
+#[derive(Debug)]
+pub enum End {
+    /// The client sent NBD_CMD_DISC.
+    Disconnect,
+    /// The client closed the socket without NBD_CMD_DISC.
+    ClientGone,
+    /// The server is shutting down.
+    Shutdown,
+}
+
+/// Why a transmission phase ended abnormally.
+#[derive(Debug, thiserror::Error)]
+pub enum TransmissionError {
+    /// The socket failed.
+    #[error("i/o error: {0}")]
+    Io(#[from] io::Error),
+    /// The request stream is out of sync.
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+}
+
+/// Counters for the connection's closing log line.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Stats {
+    /// Requests received.
+    pub requests: u64,
+    /// Requests answered with an error.
+    pub errors: u64,
+}
+
+struct Outgoing {
+    frames: Frames,
+    _permit: Option<OwnedSemaphorePermit>,
+}
+
+type Tx = mpsc::UnboundedSender<Outgoing>;
+
+/// A validated request.
+enum Op {
+    Read {
+        offset: u64,
+        len: u32,
+        df: bool,
+    },
+    Write {
+        offset: u64,
+        data: Bytes,
+        fua: bool,
+    },
+    Flush,
+    Trim {
+        offset: u64,
+        len: u64,
+        fua: bool,
+    },
+    Zero {
+        offset: u64,
+        len: u64,
+        flags: ZeroFlags,
+    },
+    Cache {
+        offset: u64,
+        len: u64,
+    },
+    BlockStatus {
+        offset: u64,
+        len: u64,
+        req_one: bool,
+    },
+}
+
+/// An answer to a bad request: the error code and a message for the client.
+type Refusal = (u32, &'static str);
+
+/// Serves requests until the client disconnects or `shutdown` fires. Requests in flight are
+/// always finished and answered before returning.
+pub async fn serve<R, W>(
+    mut rd: R,
+    wr: W,
+    mut buf: BytesMut,
+    session: Session,
+    shutdown: CancellationToken,
+) -> (Result<End, TransmissionError>, Stats)
+where
+    R: AsyncRead + Unpin + Send,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let (tx, rx) = mpsc::unbounded_channel();
+    let writer = tokio::spawn(write_loop(wr, rx));
+    let budget = Arc::new(Semaphore::new(BUDGET_UNITS as usize));
+    let session = Arc::new(session);
+    let mut stats = Stats::default();
+
+    let result = read_loop(
+        &mut rd, &mut buf, &session, &tx, &budget, &shutdown, &mut stats,
+    )
+    .await;
+    // Dropping our sender lets the writer finish once every running request has answered.
+    drop(tx);
+    let written = match writer.await {
+        Ok(r) => r,
+        Err(join) => Err(io::Error::other(join.to_string())),
+    };
+    let result = match (result, written) {
+        (Ok(end), Ok(())) => Ok(end),
+        (Ok(End::ClientGone), Err(_)) => Ok(End::ClientGone),
+        (Ok(_), Err(e)) => Err(e.into()),
+        (Err(e), _) => Err(e),
+    };
+    (result, stats)
+}
+
+async fn read_loop<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    buf: &mut BytesMut,
+    session: &Arc<Session>,
+    tx: &Tx,
+    budget: &Arc<Semaphore>,
+    shutdown: &CancellationToken,
+    stats: &mut Stats,
+) -> Result<End, TransmissionError> {
+    let mode = session.mode;
+    loop {
+        let req = match wire::parse_request(buf, mode) {
+            Ok(Some(r)) => r,
+            Ok(None) => {
+                if buf.capacity() - buf.len() < mode.request_len() {
+                    buf.reserve(READ_CHUNK);
+                }
+                let n = tokio::select! {
+                    biased;
+                    _ = shutdown.cancelled() => return Ok(End::Shutdown),
+                    n = rd.read_buf(buf) => n?,
+                };
+                if n == 0 {
+                    return if buf.is_empty() {
+                        Ok(End::ClientGone)
+                    } else {
+                        Err(TransmissionError::Protocol(format!(
+                            "client closed the connection inside a request header ({} bytes)",
+                            buf.len()
+                        )))
+                    };
+                }
+                continue;
+            }
+            Err(bad) => return Err(TransmissionError::Protocol(bad.to_string())),
+        };
+        stats.requests += 1;
+
+        if req.kind == cmd::DISC {
+            return Ok(End::Disconnect);
+        }
+
+        // Payloads beyond the maximum are never buffered: in compact mode the stream is kept in
+        // sync by discarding them; with extended headers the spec says to disconnect.
+        if req.payload > u64::from(MAX_PAYLOAD) {
+            if mode == ReplyMode::Extended {
+                return Err(TransmissionError::Protocol(format!(
+                    "payload of {} bytes exceeds the maximum of {MAX_PAYLOAD}",
+                    req.payload
+                )));
+            }
+            discard(rd, buf, req.payload).await?;
+            stats.errors += 1;
+            send(
+                tx,
+                refuse(
+                    session,
+                    &req,
+                    (errno::EINVAL, "request payload exceeds 32 MiB"),
+                ),
+                None,
+            );
+            continue;
+        }
+
+        let units = 1 + (req.payload.max(read_len(&req)) / UNIT_BYTES) as u32;
+        let permit = match Arc::clone(budget).acquire_many_owned(units).await {
+            Ok(p) => p,
+            Err(_) => return Err(TransmissionError::Protocol("budget closed".into())),
+        };
+        let payload = if req.payload > 0 {
+            read_payload(rd, buf, req.payload as usize).await?
+        } else {
+            Bytes::new()
+        };
+
+        match validate(session, &req, payload) {
+            Ok(op) => {
+                let session = Arc::clone(session);
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let frames = execute(&session, &req, op).await;
+                    send(&tx, frames, Some(permit));
+                });
+            }
+            Err(refusal) => {
+                stats.errors += 1;
+                debug!(
+                    export = %session.export.name,
+                    kind = req.kind,
+                    flags = req.flags,
+                    offset = req.offset,
+                    length = req.length,
+                    error = refusal.0,
+                    "refused request: {}",
+                    refusal.1
+                );
+                send(tx, refuse(session, &req, refusal), Some(permit));
+            }
+        }
+    }
+}
+
+fn send(tx: &Tx, frames: Frames, permit: Option<OwnedSemaphorePermit>) {
+    // If the writer is gone the client is too; the reader notices on its next read.
+    let _ = tx.send(Outgoing {
+        frames,
+        _permit: permit,
+    });
+}
+
+fn read_len(req: &Request) -> u64 {
+    if req.kind == cmd::READ {
+        req.length.min(u64::from(MAX_PAYLOAD))
+    } else {
+        0
+    }
+}
+
+fn refuse(session: &Session, req: &Request, (code, msg): Refusal) -> Frames {
+    wire::error_reply(session.mode, req.cookie, req.offset, code, msg)
+}
+
+/// Reads exactly `n` payload bytes, taking what is buffered first.
+async fn read_payload<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    buf: &mut BytesMut,
+    n: usize,
+) -> io::Result<Bytes> {
+    if buf.len() >= n {
+        return Ok(buf.split_to(n).freeze());
+    }
+    let mut payload = BytesMut::with_capacity(n);
+    payload.extend_from_slice(&buf.split());
+    while payload.len() < n {
+        let want = n - payload.len();
+        if rd.read_buf(&mut (&mut payload).limit(want)).await? == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "client closed the connection inside a write payload",
+            ));
+        }
+    }
+    Ok(payload.freeze())
+}
+
+/// Reads and drops `n` payload bytes.
+async fn discard<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    buf: &mut BytesMut,
+    mut n: u64,
+) -> io::Result<()> {
+    let take = (buf.len() as u64).min(n) as usize;
+    let _ = buf.split_to(take);
+    n -= take as u64;
+    let mut scratch = vec![0u8; READ_CHUNK];
+    while n > 0 {
+        let want = (scratch.len() as u64).min(n) as usize;
+        let got = rd.read(&mut scratch[..want]).await?;
+        if got == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "client closed the connection inside a write payload",
+            ));
+        }
+        n -= got as u64;
+    }
+    Ok(())
+}
+
+/// Checks a request against the spec and the export; returns what to run, or the refusal.
+fn validate(session: &Session, req: &Request, payload: Bytes) -> Result<Op, Refusal> {
+    let info = session.export.device.info();
+    let has = |f: u16| session.flags & f != 0;
+    let mut allowed = cflag::FUA;
+    match req.kind {
+        cmd::READ if has(tflag::SEND_DF) => allowed |= cflag::DF,
+        cmd::WRITE if session.mode == ReplyMode::Extended => allowed |= cflag::PAYLOAD_LEN,
+        cmd::WRITE_ZEROES => {
+            allowed |= cflag::NO_HOLE;
+            if has(tflag::SEND_FAST_ZERO) {
+                allowed |= cflag::FAST_ZERO;
+            }
+        }
+        cmd::BLOCK_STATUS => allowed |= cflag::REQ_ONE,
+        cmd::READ | cmd::WRITE | cmd::FLUSH | cmd::TRIM | cmd::CACHE => {}
+        _ => return Err((errno::EINVAL, "unknown command")),
+    }
+    // Writing to a read-only export is EPERM whatever the flags (FAST_ZERO is not advertised
+    // there, but EPERM is the answer that tells the client what is wrong).
+    let writes = matches!(req.kind, cmd::WRITE | cmd::TRIM | cmd::WRITE_ZEROES);
+    if writes && info.read_only {
+        return Err((errno::EPERM, "the export is read-only"));
+    }
+    if req.flags & !allowed != 0 {
+        return Err((errno::EINVAL, "flag not valid for this command"));
+    }
+    let fua = req.flags & cflag::FUA != 0;
+    if req.payload > 0 && req.kind != cmd::WRITE {
+        return Err((errno::EINVAL, "payload on a command that takes none"));
+    }
+    if req.kind == cmd::FLUSH {
+        if req.offset != 0 || req.length != 0 {
+            return Err((errno::EINVAL, "flush with nonzero offset or length"));
+        }
+        return Ok(Op::Flush);
+    }
+    if req.length == 0 {
+        return Err((errno::EINVAL, "zero-length request"));
+    }
+    let in_range = req
+        .offset
+        .checked_add(req.length)
+        .is_some_and(|end| end <= info.size);
+    if !in_range {
+        return Err(if matches!(req.kind, cmd::WRITE | cmd::WRITE_ZEROES) {
+            (errno::ENOSPC, "request extends past the end of the export")
+        } else {
+            (errno::EINVAL, "request extends past the end of the export")
+        });
+    }
+    let (offset, len) = (req.offset, req.length);
+    Ok(match req.kind {
+        cmd::READ => {
+            if len > u64::from(MAX_PAYLOAD) {
+                return Err((errno::EINVAL, "read larger than 32 MiB"));
+            }
+            Op::Read {
+                offset,
+                len: len as u32,
+                df: req.flags & cflag::DF != 0,
+            }
+        }
+        cmd::WRITE => Op::Write {
+            offset,
+            data: payload,
+            fua,
+        },
+        cmd::TRIM => Op::Trim { offset, len, fua },
+        cmd::WRITE_ZEROES => Op::Zero {
+            offset,
+            len,
+            flags: ZeroFlags {
+                fua,
+                no_hole: req.flags & cflag::NO_HOLE != 0,
+                fast: req.flags & cflag::FAST_ZERO != 0,
+            },
+        },
+        cmd::CACHE => Op::Cache { offset, len },
+        cmd::BLOCK_STATUS => {
+            if !session.base_allocation {
+                return Err((errno::EINVAL, "no metadata context was negotiated"));
+            }
+            Op::BlockStatus {
+                offset,
+                len,
+                req_one: req.flags & cflag::REQ_ONE != 0,
+            }
+        }
+        _ => return Err((errno::EINVAL, "unknown command")),
+    })
+}
+
+/// Runs a validated request on the export's device and builds its reply.
+async fn execute(session: &Session, req: &Request, op: Op) -> Frames {
+    let dev = &session.export.device;
+    let mode = session.mode;
+    let ok = || wire::ok_reply(mode, req.cookie, req.offset);
+    let result = match op {
+        Op::Read { offset, len, df } => match dev.read(offset, len).await {
+            Ok(data) if data.len() == u64::from(len) => {
+                return read_reply(mode, req, data.chunks(), df);
+            }
+            Ok(data) => Err(BlockError::io(
+                "read",
+                offset,
+                io::Error::other(format!(
+                    "device returned {} bytes for a {len}-byte read",
+                    data.len()
+                )),
+            )),
+            Err(e) => Err(e),
+        },
+        Op::Write { offset, data, fua } => dev.write(offset, data, fua).await.map(|()| ok()),
+        Op::Flush => dev.flush().await.map(|()| ok()),
+        Op::Trim { offset, len, fua } => dev.trim(offset, len, fua).await.map(|()| ok()),
+        Op::Zero { offset, len, flags } => {
+            dev.write_zeroes(offset, len, flags).await.map(|()| ok())
+        }
+        // CACHE is a hint: a failure to prefetch changes nothing for the client.
+        Op::Cache { offset, len } => {
+            if let Err(e) = dev.cache(offset, len).await {
+                debug!(export = %session.export.name, error = %e, "cache hint failed");
+            }
+            Ok(ok())
+        }
+        Op::BlockStatus {
+            offset,
+            len,
+            req_one,
+        } => match dev.block_status(offset, len).await {
+            Ok(extents) => status_reply(mode, req, &extents, len, req_one),
+            Err(e) => Err(e),
+        },
+    };
+    match result {
+        Ok(frames) => frames,
+        Err(e) => {
+            let code = e.nbd_errno();
+            if !matches!(e, BlockError::FastZeroUnsupported) {
+                warn!(export = %session.export.name, kind = req.kind, error = %e, "request failed");
+            }
+            wire::error_reply(mode, req.cookie, req.offset, code, &e.to_string())
+        }
+    }
+}
+
+/// Zero bytes as shared static slices.
+fn push_zeroes(parts: &mut Vec<Bytes>, mut n: usize) {
+    while n > 0 {
+        let k = n.min(ZEROES.len());
+        parts.push(Bytes::from_static(&ZEROES[..k]));
+        n -= k;
+    }
+}
+
+fn read_reply(mode: ReplyMode, req: &Request, chunks: &[ReadChunk], df: bool) -> Frames {
+    let mut parts = Vec::with_capacity(2 * chunks.len() + 1);
+    let mut hdr = BytesMut::with_capacity(40 * chunks.len().max(1));
+    if mode == ReplyMode::Simple {
+        wire::simple_reply(&mut hdr, 0, req.cookie);
+        parts.push(hdr.freeze());
+        for c in chunks {
+            match c {
+                ReadChunk::Data(b) => parts.push(b.clone()),
+                ReadChunk::Zero(n) => push_zeroes(&mut parts, *n as usize),
+            }
+        }
+        return Frames { parts };
+    }
+    if df && chunks.len() > 1 {
+        // DF allows a single content chunk: send the holes as explicit zeroes.
+        let len = chunks.iter().map(|c| c.len() as usize).sum::<usize>();
+        wire::chunk_header(
+            &mut hdr,
+            mode,
+            true,
+            reply::OFFSET_DATA,
+            req.cookie,
+            req.offset,
+            8 + len as u64,
+        );
+        hdr.put_u64(req.offset);
+        parts.push(hdr.freeze());
+        for c in chunks {
+            match c {
+                ReadChunk::Data(b) => parts.push(b.clone()),
+                ReadChunk::Zero(n) => push_zeroes(&mut parts, *n as usize),
+            }
+        }
+        return Frames { parts };
+    }
+    let mut pos = req.offset;
+    let last = chunks.len().saturating_sub(1);
+    for (i, c) in chunks.iter().enumerate() {
+        let done = i == last;
+        match c {
+            ReadChunk::Data(b) => {
+                wire::chunk_header(
+                    &mut hdr,
+                    mode,
+                    done,
+                    reply::OFFSET_DATA,
+                    req.cookie,
+                    req.offset,
+                    8 + b.len() as u64,
+                );
+                hdr.put_u64(pos);
+                parts.push(hdr.split().freeze());
+                parts.push(b.clone());
+            }
+            ReadChunk::Zero(n) => {
+                wire::chunk_header(
+                    &mut hdr,
+                    mode,
+                    done,
+                    reply::OFFSET_HOLE,
+                    req.cookie,
+                    req.offset,
+                    12,
+                );
+                hdr.put_u64(pos);
+                hdr.put_u32(*n);
+                parts.push(hdr.split().freeze());
+            }
+        }
+        pos += u64::from(c.len());
+    }
+    Frames { parts }
+}
+
+fn status_reply(
+    mode: ReplyMode,
+    req: &Request,
+    extents: &[Extent],
+    len: u64,
+    req_one: bool,
+) -> Result<Frames, BlockError> {
+    // Keep what lies within the request; the device promised no more, this makes it certain.
+    let mut kept: Vec<Extent> = Vec::with_capacity(extents.len());
+    let mut total = 0u64;
+    for e in extents {
+        if e.length == 0 || total >= len {
+            continue;
+        }
+        let length = e.length.min(len - total);
+        total += length;
+        kept.push(Extent {
+            length,
+            flags: e.flags,
+        });
+        if req_one {
+            break;
+        }
+    }
+    if kept.is_empty() {
+        return Err(BlockError::io(
+            "block_status",
+            req.offset,
+            io::Error::other("device described no extent"),
+        ));
+    }
+    let mut b = BytesMut::with_capacity(40 + 16 * kept.len());
+    if mode == ReplyMode::Extended {
+        wire::chunk_header(
+            &mut b,
+            mode,
+            true,
+            reply::BLOCK_STATUS_EXT,
+            req.cookie,
+            req.offset,
+            8 + 16 * kept.len() as u64,
+        );
+        b.put_u32(BASE_ALLOCATION_ID);
+        b.put_u32(kept.len() as u32);
+        for e in &kept {
+            b.put_u64(e.length);
+            b.put_u64(u64::from(e.flags));
+        }
+    } else {
+        wire::chunk_header(
+            &mut b,
+            mode,
+            true,
+            reply::BLOCK_STATUS,
+            req.cookie,
+            req.offset,
+            4 + 8 * kept.len() as u64,
+        );
+        b.put_u32(BASE_ALLOCATION_ID);
+        for e in &kept {
+            // Compact requests are at most 4 GiB - 1 long, and `kept` lies within the request.
+            b.put_u32(e.length as u32);
+            b.put_u32(e.flags);
+        }
+    }
+    Ok(Frames {
+        parts: vec![b.freeze()],
+    })
+}
+
+/// Sends replies as they arrive, batching those that are ready together.
+async fn write_loop<W: AsyncWrite + Unpin>(
+    mut wr: W,
+    mut rx: mpsc::UnboundedReceiver<Outgoing>,
+) -> io::Result<()> {
+    let mut batch: Vec<Outgoing> = Vec::with_capacity(MAX_BATCH);
+    while let Some(first) = rx.recv().await {
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(o) => batch.push(o),
+                Err(_) => break,
+            }
+        }
+        let parts: Vec<&Bytes> = batch
+            .iter()
+            .flat_map(|o| o.frames.parts.iter())
+            .filter(|b| !b.is_empty())
+            .collect();
+        write_all_vectored(&mut wr, &parts).await?;
+        // Dropping the batch returns its budget to the reader.
+        batch.clear();
+    }
+    wr.flush().await?;
+    wr.shutdown().await
+}
+
+async fn write_all_vectored<W: AsyncWrite + Unpin>(wr: &mut W, parts: &[&Bytes]) -> io::Result<()> {
+    for group in parts.chunks(MAX_IOVECS) {
+        let mut slices: Vec<IoSlice<'_>> = group.iter().map(|b| IoSlice::new(b)).collect();
+        let mut rest: &mut [IoSlice<'_>] = &mut slices;
+        while !rest.is_empty() {
+            let n = wr.write_vectored(rest).await?;
+            if n == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            IoSlice::advance_slices(&mut rest, n);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,148 @@
+//! Real NBD clients against the real binary: libnbd (nbdsh script, nbdinfo, nbdcopy), qemu
+//! (qemu-img, qemu-io, qemu-nbd -L) and fio, over memory and file exports, read-write and
+//! read-only. The scripts live in `tests/clients/` and state their checks; each exits nonzero
+//! with the failing check's name and what it saw.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Scratch, Server, run_script};
+
+const PY: &str = "/usr/bin/python3";
+const LIMIT: Duration = Duration::from_secs(600);
+
+/// A file export backed by a sparse image of `size` in a scratch directory.
+fn file_server(dir: &Scratch, size: &str, read_only: bool) -> Server {
+    let img = dir.path("disk.img");
+    let mut conn = format!("file:{}?size={size}", img.display());
+    if read_only {
+        // Create it first, then serve it read-only.
+        drop(Server::start(&["-e", "disk", "raw", &conn]));
+        conn = format!("file:{}?read_only=true", img.display());
+    }
+    Server::start(&["-e", "disk", "raw", &conn])
+}
+
+fn stop_cleanly(s: Server) {
+    let log = s.log();
+    assert!(!log.contains("panicked"), "the server panicked:\n{log}");
+    let status = s.stop();
+    assert!(status.success(), "server exit status {status}:\n{log}");
+}
+
+#[test]
+fn conformance_memory() {
+    let s = Server::start(&["-e", "disk", "raw", "memory:4GiB"]);
+    run_script(
+        PY,
+        "conformance.py",
+        &[&s.uri("disk"), "--kind", "memory", "--size", "4294967296"],
+        LIMIT,
+    );
+    // The default export "" is the first one.
+    run_script(
+        PY,
+        "conformance.py",
+        &[&format!("nbd://{}", s.addr), "--kind", "memory"],
+        LIMIT,
+    );
+    stop_cleanly(s);
+}
+
+#[test]
+fn conformance_memory_read_only() {
+    let s = Server::start(&["--read-only", "-e", "disk", "raw", "memory:128MiB"]);
+    run_script(
+        PY,
+        "conformance.py",
+        &[&s.uri("disk"), "--kind", "memory", "--read-only"],
+        LIMIT,
+    );
+    stop_cleanly(s);
+}
+
+#[test]
+fn conformance_file() {
+    let dir = Scratch::new("conf-file");
+    let s = file_server(&dir, "4GiB", false);
+    run_script(
+        PY,
+        "conformance.py",
+        &[&s.uri("disk"), "--kind", "file"],
+        LIMIT,
+    );
+    stop_cleanly(s);
+}
+
+#[test]
+fn conformance_file_read_only() {
+    let dir = Scratch::new("conf-file-ro");
+    let s = file_server(&dir, "128MiB", true);
+    run_script(
+        PY,
+        "conformance.py",
+        &[&s.uri("disk"), "--kind", "file", "--read-only"],
+        LIMIT,
+    );
+    stop_cleanly(s);
+}
+
+#[test]
+fn qemu_memory() {
+    let dir = Scratch::new("qemu-mem");
+    let s = Server::start(&["-e", "disk", "raw", "memory:512MiB"]);
+    run_script("bash", "qemu.sh", &[&s.uri("disk"), dir.as_str()], LIMIT);
+    stop_cleanly(s);
+}
+
+#[test]
+fn qemu_file() {
+    let dir = Scratch::new("qemu-file");
+    let s = file_server(&dir, "512MiB", false);
+    run_script("bash", "qemu.sh", &[&s.uri("disk"), dir.as_str()], LIMIT);
+    stop_cleanly(s);
+}
+
+#[test]
+fn libnbd_tools_memory() {
+    let dir = Scratch::new("tools-mem");
+    let s = Server::start(&["-e", "disk", "raw", "memory:512MiB"]);
+    run_script(
+        "bash",
+        "libnbd-tools.sh",
+        &[&s.uri("disk"), dir.as_str()],
+        LIMIT,
+    );
+    stop_cleanly(s);
+}
+
+#[test]
+fn libnbd_tools_file() {
+    let dir = Scratch::new("tools-file");
+    let s = file_server(&dir, "512MiB", false);
+    run_script(
+        "bash",
+        "libnbd-tools.sh",
+        &[&s.uri("disk"), dir.as_str()],
+        LIMIT,
+    );
+    stop_cleanly(s);
+}
+
+#[test]
+fn fio_memory() {
+    let dir = Scratch::new("fio-mem");
+    let s = Server::start(&["-e", "disk", "raw", "memory:512MiB"]);
+    run_script("bash", "fio.sh", &[&s.uri("disk"), dir.as_str()], LIMIT);
+    stop_cleanly(s);
+}
+
+#[test]
+fn fio_file() {
+    let dir = Scratch::new("fio-file");
+    let s = file_server(&dir, "512MiB", false);
+    run_script("bash", "fio.sh", &[&s.uri("disk"), dir.as_str()], LIMIT);
+    stop_cleanly(s);
+}
