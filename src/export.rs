@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use crate::block::BlockDevice;
+use crate::block::{BlockDevice, BlockSizes};
 
 /// A block device served under a name.
 #[derive(Debug)]
@@ -13,25 +13,42 @@ pub struct Export {
     pub description: String,
     /// The storage pipeline.
     pub device: Arc<dyn BlockDevice>,
+    /// The constraints advertised to clients and enforced on their requests: the
+    /// configuration's, or the device's own.
+    pub block_sizes: BlockSizes,
 }
 
 /// The exports a server offers, in the order they were declared. The first one is also served
-/// under the empty name `""`, which clients such as `nbdinfo nbd://host` ask for.
+/// under the empty name `""`, which clients such as `nbdinfo nbd://host` ask for, unless
+/// another default is named.
 #[derive(Debug, Default)]
 pub struct ExportTable {
     exports: Vec<Arc<Export>>,
+    default: Option<String>,
 }
 
 impl ExportTable {
     /// A table of these exports, the first being the default.
     pub fn new(exports: Vec<Arc<Export>>) -> Self {
-        ExportTable { exports }
+        ExportTable {
+            exports,
+            default: None,
+        }
+    }
+
+    /// Makes `name` the export the empty name selects (instead of the first).
+    pub fn with_default(mut self, name: Option<String>) -> Self {
+        self.default = name;
+        self
     }
 
     /// The export a client asking for `name` gets.
     pub fn get(&self, name: &str) -> Option<&Arc<Export>> {
         if name.is_empty() {
-            return self.exports.first();
+            return match &self.default {
+                Some(d) => self.exports.iter().find(|e| &e.name == d),
+                None => self.exports.first(),
+            };
         }
         self.exports.iter().find(|e| e.name == name)
     }

@@ -6,7 +6,8 @@
 //!   [`nbd::transmission`] validates and runs requests, [`nbd::wire`] encodes the bytes.
 //! - [`export`]: the table of named exports.
 //! - [`block`]: the [`block::BlockDevice`] trait every storage stage implements.
-//! - [`layout`]: how a disk maps onto storage (`raw` today).
+//! - [`layout`]: how a disk maps onto storage (`raw`, `sharded`).
+//! - [`store`]: key-addressed object stores under a layout (`memory`, `file`).
 //! - [`config`]: sizes and the command line's `-e NAME DRIVER CONN` grammar.
 //! - [`cli`]: the command-line definition.
 
@@ -16,4 +17,7 @@ pub mod config;
 pub mod export;
 pub mod layout;
 pub mod nbd;
+pub mod pipeline;
+pub mod registry;
 pub mod server;
+pub mod store;

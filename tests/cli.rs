@@ -36,7 +36,8 @@ fn unknown_driver_names_the_export_and_the_known_drivers() {
         fails(&["-e", "vm1", "qcow9", "memory:1GiB"]),
         (
             2,
-            "nbd-rs: error: export \"vm1\": unknown driver \"qcow9\" (known drivers: raw)".into()
+            "nbd-rs: error: export \"vm1\": unknown driver \"qcow9\" (known drivers: raw, sharded)"
+                .into()
         )
     );
 }
@@ -69,7 +70,7 @@ fn missing_file_says_how_to_create_it() {
         (
             2,
             format!(
-                "nbd-rs: error: export \"d\": image {} does not exist (give a size to create it)",
+                "nbd-rs: error: command line (-e d): export \"d\": image {} does not exist (give a size to create it)",
                 img.display()
             )
         )
@@ -80,10 +81,17 @@ fn missing_file_says_how_to_create_it() {
 #[test]
 fn unknown_storage_and_parameters_are_refused() {
     assert_eq!(
-        fails(&["-e", "d", "raw", "s3:http://h/b"]),
+        fails(&["-e", "d", "raw", "s4:http://h/b"]),
         (
             2,
-            "nbd-rs: error: export \"d\": unknown storage (expected memory:SIZE or file:PATH) in \"s3:http://h/b\"".into()
+            "nbd-rs: error: export \"d\": unknown storage \"s4:http://h/b\" (expected memory:SIZE, file:PATH or s3:URL, optionally after block layers like cache:) in \"s4:http://h/b\"".into()
+        )
+    );
+    assert_eq!(
+        fails(&["-e", "d", "raw", "s3:http://KEY:hush@h:9000/bkt"]),
+        (
+            2,
+            "nbd-rs: error: export \"d\": raw serves memory or file; use the sharded driver for s3 in \"s3:http://KEY:<redacted>@h:9000/bkt\"".into()
         )
     );
     assert_eq!(
@@ -160,7 +168,7 @@ fn file_image_is_created_with_size_and_reopened_without() {
     assert_eq!(
         err,
         format!(
-            "nbd-rs: error: export \"d\": image {} is 3145728 bytes, but a size of 4194304 bytes was asked for",
+            "nbd-rs: error: command line (-e d): export \"d\": image {} is 3145728 bytes, but a size of 4194304 bytes was asked for",
             dir.path("new.img").display()
         )
     );

@@ -9,12 +9,18 @@
 //! `Arc<dyn BlockDevice>` and must implement every method: silently passing an operation
 //! through that a layer does not understand corrupts data (nbdkit's warning, kept here).
 
+pub mod cache;
+pub mod fault;
+pub mod retry;
+
 use std::fmt;
 use std::io;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use rustix::io::Errno;
+
+use crate::store::StoreError;
 
 /// Block size constraints advertised to clients in `NBD_INFO_BLOCK_SIZE`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -196,6 +202,9 @@ pub enum BlockError {
     /// No room left in the storage below.
     #[error("no space left: {0}")]
     NoSpace(String),
+    /// The object store below failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
 /// NBD error codes (protocol section "Error values").
@@ -237,6 +246,8 @@ impl BlockError {
             BlockError::FastZeroUnsupported => errno::ENOTSUP,
             BlockError::ReadOnly => errno::EPERM,
             BlockError::NoSpace(_) => errno::ENOSPC,
+            BlockError::Store(e) if e.is_no_space() => errno::ENOSPC,
+            BlockError::Store(_) => errno::EIO,
         }
     }
 
@@ -252,6 +263,7 @@ impl BlockError {
                     | io::ErrorKind::ConnectionAborted
                     | io::ErrorKind::ConnectionRefused
             ),
+            BlockError::Store(e) => e.is_transient(),
             _ => false,
         }
     }

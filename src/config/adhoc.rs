@@ -1,49 +1,28 @@
-//! The ad-hoc export grammar of the command line: `-e NAME DRIVER CONN`.
+//! The ad-hoc export grammar of the command line: `-e NAME DRIVER CONN`, mapped onto the same
+//! pipelines as the configuration file.
 //!
-//! `DRIVER` is the layout (`raw`). `CONN` names the store:
-//! - `memory:SIZE`: a sparse disk in RAM, for example `memory:1GiB`;
-//! - `file:PATH`: a raw image file; `file:DIR/` (or an existing directory) serves `DIR/NAME`;
-//!   `?size=SIZE` creates a missing image of that size.
+//! `DRIVER` is the layout (`raw` or `sharded`). `CONN` is optional block layers, each followed
+//! by `:`, then the store:
+//! - `memory:SIZE`: RAM, for example `memory:1GiB`;
+//! - `file:PATH`: under `raw`, a raw image file, where `file:DIR/` (or an existing directory)
+//!   serves `DIR/NAME`; under `sharded`, the directory of the chunks `NAME.{n}.chunk`;
+//! - `s3:http://KEY:SECRET@HOST:PORT/BUCKET/PREFIX` (or `https://`, or `s3://BUCKET/PREFIX`
+//!   for AWS): objects in S3, under `sharded`.
 //!
-//! Both take `?read_only=true` and `?description=TEXT`, joined with `&`.
+//! So `-e vm1 sharded cache:file:/srv/vols/` is `cache -> sharded -> file`. Parameters follow
+//! `?`, joined with `&`: `size=SIZE` (creates a missing image or volume), `read_only=true`,
+//! `description=TEXT`.
 
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::collections::BTreeMap;
 
+use figment::value::{Dict, Value};
+
+use super::model::{ExportConfig, Origin};
+use super::pipeline::Pipeline;
 use super::size::{SizeError, parse_size};
-use crate::block::BlockDevice;
-use crate::layout::raw::{FileImage, MemoryImage, OpenError};
 use crate::nbd::proto::MAX_STRING;
-
-/// Where an ad-hoc export keeps its data.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Storage {
-    /// A sparse disk in memory.
-    Memory {
-        /// Size in bytes.
-        size: u64,
-    },
-    /// A raw image file.
-    File {
-        /// The image (a directory has been resolved to `DIR/NAME`).
-        path: PathBuf,
-        /// Create a missing image of this size; an existing one must have it.
-        size: Option<u64>,
-    },
-}
-
-/// One export from `-e`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ExportSpec {
-    /// The export's name.
-    pub name: String,
-    /// Its description.
-    pub description: String,
-    /// Writes are refused.
-    pub read_only: bool,
-    /// Where the data lives.
-    pub storage: Storage,
-}
+use crate::registry::{self, Kind};
+use crate::store::s3::{S3Config, parse_url};
 
 /// Why an `-e` export was refused. Every message names the export.
 #[derive(Debug, thiserror::Error)]
@@ -60,7 +39,7 @@ pub enum AdhocError {
     #[error("export {0:?} is given twice")]
     Duplicate(String),
     /// The driver is not known.
-    #[error("export {name:?}: unknown driver {driver:?} (known drivers: raw)")]
+    #[error("export {name:?}: unknown driver {driver:?} (known drivers: raw, sharded)")]
     UnknownDriver {
         /// The export.
         name: String,
@@ -86,18 +65,26 @@ pub enum AdhocError {
         #[source]
         source: SizeError,
     },
-    /// The storage could not be opened.
-    #[error("export {name:?}: {source}")]
-    Open {
-        /// The export.
-        name: String,
-        /// What went wrong.
-        #[source]
-        source: OpenError,
-    },
 }
 
-/// Checks that a name is one clients can ask for and, for directory stores, a plain file name.
+/// The connection string with any `KEY:SECRET@` secret replaced, for messages. Everything
+/// from the first `:` after `://` to the last `@` is hidden, so a secret with an unencoded `/`
+/// or `@` is hidden too (a path with an `@` may be over-redacted, which is harmless).
+pub fn redact(conn: &str) -> String {
+    let Some(scheme_end) = conn.find("://") else {
+        return conn.to_owned();
+    };
+    let start = scheme_end + 3;
+    let Some(at) = conn.rfind('@').filter(|&a| a > start) else {
+        return conn.to_owned();
+    };
+    match conn[start..at].find(':') {
+        Some(colon) => format!("{}:<redacted>{}", &conn[..start + colon], &conn[at..]),
+        None => conn.to_owned(),
+    }
+}
+
+/// Checks that a name is one clients can ask for.
 pub fn check_name(name: &str) -> Result<(), &'static str> {
     if name.is_empty() {
         return Err("an export name must not be empty");
@@ -111,13 +98,54 @@ pub fn check_name(name: &str) -> Result<(), &'static str> {
     Ok(())
 }
 
+/// The `[s3]` parameter table equivalent to a parsed connection string.
+fn s3_table(cfg: &S3Config) -> Value {
+    let mut d = Dict::new();
+    let mut put = |k: &str, v: Value| {
+        d.insert(k.to_owned(), v);
+    };
+    if let Some(e) = &cfg.endpoint {
+        put("endpoint", Value::from(e.clone()));
+    }
+    put("region", Value::from(cfg.region.clone()));
+    put("bucket", Value::from(cfg.bucket.clone()));
+    put("prefix", Value::from(cfg.prefix.clone()));
+    if let Some(k) = &cfg.access_key_id {
+        put("access_key_id", Value::from(k.clone()));
+    }
+    if let Some(k) = &cfg.secret_access_key {
+        put("secret_access_key", Value::from(k.clone()));
+    }
+    if let Some(f) = &cfg.credentials_file {
+        put("credentials_file", Value::from(f.display().to_string()));
+    }
+    put("profile", Value::from(cfg.profile.clone()));
+    put(
+        "connect_timeout",
+        Value::from(format!("{}ms", cfg.connect_timeout.as_millis())),
+    );
+    put(
+        "request_timeout",
+        Value::from(format!("{}ms", cfg.request_timeout.as_millis())),
+    );
+    Value::from(d)
+}
+
+fn table(pairs: &[(&str, &str)]) -> Value {
+    let mut d = Dict::new();
+    for (k, v) in pairs {
+        d.insert((*k).to_owned(), Value::from(v.to_string()));
+    }
+    Value::from(d)
+}
+
 /// Parses one `-e NAME DRIVER CONN`.
-pub fn parse_export(name: &str, driver: &str, conn: &str) -> Result<ExportSpec, AdhocError> {
+pub fn parse_export(name: &str, driver: &str, conn: &str) -> Result<ExportConfig, AdhocError> {
     check_name(name).map_err(|why| AdhocError::BadName {
         name: name.to_owned(),
         why,
     })?;
-    if driver != "raw" {
+    if registry::stage(driver).is_none_or(|s| !s.kinds.contains(&Kind::Layout)) {
         return Err(AdhocError::UnknownDriver {
             name: name.to_owned(),
             driver: driver.to_owned(),
@@ -125,19 +153,53 @@ pub fn parse_export(name: &str, driver: &str, conn: &str) -> Result<ExportSpec, 
     }
     let bad = |why: String| AdhocError::BadConn {
         name: name.to_owned(),
-        conn: conn.to_owned(),
+        conn: redact(conn),
         why,
     };
     let size_err = |source| AdhocError::Size {
         name: name.to_owned(),
         source,
     };
-    let (base, query) = conn.split_once('?').unwrap_or((conn, ""));
+
+    // Block layers in front: `cache:retry:file:/x`.
+    let mut rest = conn;
+    let mut layers = Vec::new();
+    while let Some((head, tail)) = rest.split_once(':') {
+        match registry::stage(head) {
+            Some(s) if s.kinds.contains(&Kind::Layer) => {
+                if layers.iter().any(|l| l == head) {
+                    return Err(bad(format!("{head:?} is given twice")));
+                }
+                layers.push(head.to_owned());
+                rest = tail;
+            }
+            _ => break,
+        }
+    }
+
+    // The store, and the export parameters after `?`. An s3 URL reads its own parameters
+    // (region, profile, ...) and hands back the others.
+    let mut params = BTreeMap::new();
+    let mut pairs: Vec<(String, String)> = Vec::new();
+    let base;
+    if rest.starts_with("s3:") {
+        let (cfg, others) = parse_url(rest).map_err(&bad)?;
+        params.insert("s3".to_owned(), s3_table(&cfg));
+        pairs = others;
+        base = "s3";
+    } else {
+        let (b, query) = rest.split_once('?').unwrap_or((rest, ""));
+        base = b;
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            pairs.push((key.to_owned(), value.to_owned()));
+        }
+    }
     let mut size = None;
     let mut read_only = false;
     let mut description = String::new();
-    for pair in query.split('&').filter(|p| !p.is_empty()) {
-        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+    for (key, value) in &pairs {
+        let (key, value) = (key.as_str(), value.as_str());
         match key {
             "size" => size = Some(parse_size(value).map_err(size_err)?),
             "read_only" => {
@@ -155,67 +217,60 @@ pub fn parse_export(name: &str, driver: &str, conn: &str) -> Result<ExportSpec, 
             }
         }
     }
-    let storage = if let Some(s) = base.strip_prefix("memory:") {
+
+    for l in &layers {
+        params.insert(l.clone(), Value::from(Dict::new()));
+    }
+    let rest = base;
+    let store = if rest == "s3" {
+        if driver == "raw" {
+            return Err(bad(
+                "raw serves memory or file; use the sharded driver for s3".into(),
+            ));
+        }
+        "s3"
+    } else if let Some(s) = rest.strip_prefix("memory:") {
         if size.is_some() {
             return Err(bad(
                 "memory takes its size as memory:SIZE, not ?size=".into()
             ));
         }
-        Storage::Memory {
-            size: parse_size(s).map_err(size_err)?,
-        }
-    } else if let Some(p) = base.strip_prefix("file:") {
+        size = Some(parse_size(s).map_err(size_err)?);
+        "memory"
+    } else if let Some(p) = rest.strip_prefix("file:") {
         if p.is_empty() {
             return Err(bad("file: needs a path".into()));
         }
-        let path = Path::new(p);
-        let path = if p.ends_with('/') || path.is_dir() {
-            if name.contains('/') || name == "." || name == ".." {
-                return Err(AdhocError::BadName {
-                    name: name.to_owned(),
-                    why: "a name served from a directory must be a plain file name",
-                });
-            }
-            path.join(name)
-        } else {
-            path.to_owned()
-        };
-        Storage::File { path, size }
-    } else if base == "memory" {
+        params.insert("file".to_owned(), table(&[("path", p)]));
+        "file"
+    } else if rest == "memory" {
         return Err(bad("memory needs a size, as memory:SIZE".into()));
     } else {
-        return Err(bad(
-            "unknown storage (expected memory:SIZE or file:PATH)".into()
-        ));
+        return Err(bad(format!(
+            "unknown storage {:?} (expected memory:SIZE, file:PATH or s3:URL, optionally after block layers like cache:)",
+            redact(rest)
+        )));
     };
-    Ok(ExportSpec {
+    Ok(ExportConfig {
         name: name.to_owned(),
+        pipeline: Pipeline {
+            layers,
+            layout: driver.to_owned(),
+            wrappers: Vec::new(),
+            store: store.to_owned(),
+        },
+        size,
         description,
         read_only,
-        storage,
+        block_sizes: None,
+        params,
+        origin: Origin::CommandLine,
     })
 }
 
-impl ExportSpec {
-    /// Opens the export's storage.
-    pub fn build(&self) -> Result<Arc<dyn BlockDevice>, AdhocError> {
-        Ok(match &self.storage {
-            Storage::Memory { size } => Arc::new(MemoryImage::new(*size, self.read_only)),
-            Storage::File { path, size } => Arc::new(
-                FileImage::open(path, *size, self.read_only).map_err(|source| {
-                    AdhocError::Open {
-                        name: self.name.clone(),
-                        source,
-                    }
-                })?,
-            ),
-        })
-    }
-}
-
 /// Parses every `-e` triple, refusing duplicate names.
-pub fn parse_exports(triples: &[[String; 3]]) -> Result<Vec<ExportSpec>, AdhocError> {
-    let mut out: Vec<ExportSpec> = Vec::with_capacity(triples.len());
+pub fn parse_exports(triples: &[[String; 3]]) -> Result<Vec<ExportConfig>, AdhocError> {
+    let mut out: Vec<ExportConfig> = Vec::with_capacity(triples.len());
     for [name, driver, conn] in triples {
         if out.iter().any(|e| e.name == *name) {
             return Err(AdhocError::Duplicate(name.clone()));
@@ -233,41 +288,56 @@ mod tests {
         parse_export(name, driver, conn).unwrap_err().to_string()
     }
 
+    fn path_of(e: &ExportConfig) -> String {
+        e.params["file"]
+            .find_ref("path")
+            .unwrap()
+            .as_str()
+            .unwrap()
+            .to_owned()
+    }
+
     #[test]
     fn memory_and_file_forms() {
         let e = parse_export("disk", "raw", "memory:1GiB").unwrap();
-        assert_eq!(e.storage, Storage::Memory { size: 1 << 30 });
+        assert_eq!(e.pipeline.to_string(), "raw -> memory");
+        assert_eq!(e.size, Some(1 << 30));
         assert!(!e.read_only);
         let e = parse_export("img", "raw", "file:/srv/images/").unwrap();
-        assert_eq!(
-            e.storage,
-            Storage::File {
-                path: "/srv/images/img".into(),
-                size: None
-            }
-        );
+        assert_eq!(e.pipeline.to_string(), "raw -> file");
+        assert_eq!(path_of(&e), "/srv/images/");
         let e = parse_export(
             "x",
             "raw",
             "file:/srv/disk.img?size=20GiB&read_only=true&description=a disk",
         )
         .unwrap();
-        assert_eq!(
-            e.storage,
-            Storage::File {
-                path: "/srv/disk.img".into(),
-                size: Some(20 << 30)
-            }
-        );
+        assert_eq!(e.size, Some(20 << 30));
         assert!(e.read_only);
         assert_eq!(e.description, "a disk");
     }
 
     #[test]
+    fn the_seed_grammar_maps_onto_pipelines() {
+        let e = parse_export("vm1", "sharded", "cache:file:/srv/vols/").unwrap();
+        assert_eq!(e.pipeline.to_string(), "cache -> sharded -> file");
+        assert_eq!(path_of(&e), "/srv/vols/");
+        let e = parse_export("vm2", "sharded", "retry:fault:memory:1GiB").unwrap();
+        assert_eq!(
+            e.pipeline.to_string(),
+            "retry -> fault -> sharded -> memory"
+        );
+    }
+
+    #[test]
     fn errors_name_the_export_and_the_problem() {
         assert_eq!(
-            err("d", "sharded2", "memory:1G"),
-            "export \"d\": unknown driver \"sharded2\" (known drivers: raw)"
+            err("d", "qcow9", "memory:1G"),
+            "export \"d\": unknown driver \"qcow9\" (known drivers: raw, sharded)"
+        );
+        assert_eq!(
+            err("d", "file", "memory:1G"),
+            "export \"d\": unknown driver \"file\" (known drivers: raw, sharded)"
         );
         assert_eq!(
             err("d", "raw", "memory:lots"),
@@ -275,20 +345,58 @@ mod tests {
         );
         assert_eq!(
             err("d", "raw", "s4:bucket"),
-            "export \"d\": unknown storage (expected memory:SIZE or file:PATH) in \"s4:bucket\""
+            "export \"d\": unknown storage \"s4:bucket\" (expected memory:SIZE, file:PATH or s3:URL, optionally after block layers like cache:) in \"s4:bucket\""
         );
         assert_eq!(
             err("d", "raw", "memory:1G?colour=red"),
             "export \"d\": unknown parameter \"colour\" (known: size, read_only, description) in \"memory:1G?colour=red\""
         );
         assert_eq!(
+            err("d", "raw", "cache:cache:memory:1G"),
+            "export \"d\": \"cache\" is given twice in \"cache:cache:memory:1G\""
+        );
+        assert_eq!(
             err("", "raw", "memory:1G"),
             "export \"\": an export name must not be empty"
         );
+    }
+
+    #[test]
+    fn s3_connection_strings_map_onto_pipelines_and_never_show_the_secret() {
+        let e = parse_export(
+            "vm1",
+            "sharded",
+            "cache:s3:http://AKID:s3cr%2Ft@127.0.0.1:9000/bucket/vols?size=1GiB&read_only=true",
+        )
+        .unwrap();
+        assert_eq!(e.pipeline.to_string(), "cache -> sharded -> s3");
+        assert_eq!(e.size, Some(1 << 30));
+        assert!(e.read_only);
+        let t = &e.params["s3"];
+        let get = |k: &str| t.find_ref(k).unwrap().as_str().unwrap().to_owned();
+        assert_eq!(get("endpoint"), "http://127.0.0.1:9000");
+        assert_eq!(get("bucket"), "bucket");
+        assert_eq!(get("prefix"), "vols/");
+        assert_eq!(get("secret_access_key"), "s3cr/t");
+        let msg = err("v", "sharded", "s3:http://AKID:topsecret@h:9/b?colour=1");
+        assert!(!msg.contains("topsecret"), "{msg}");
         assert_eq!(
-            err("../etc", "raw", "file:/tmp/"),
-            "export \"../etc\": a name served from a directory must be a plain file name"
+            msg,
+            "export \"v\": unknown parameter \"colour\" (known: size, read_only, description) in \"s3:http://AKID:<redacted>@h:9/b?colour=1\""
         );
+        let msg = err("v", "sharded", "s3:ftp://AKID:topsecret@h:9/b");
+        assert!(!msg.contains("topsecret"), "{msg}");
+    }
+
+    #[test]
+    fn redaction_hides_everything_that_may_be_a_secret() {
+        assert_eq!(redact("s3:http://K:S@h/b"), "s3:http://K:<redacted>@h/b");
+        assert_eq!(
+            redact("s3:http://K:S/x@y@h/b"),
+            "s3:http://K:<redacted>@h/b"
+        );
+        assert_eq!(redact("s3:http://h:9000/b"), "s3:http://h:9000/b");
+        assert_eq!(redact("file:/x@y"), "file:/x@y");
     }
 
     #[test]

@@ -1,7 +1,10 @@
-//! Configuration: sizes, the ad-hoc `-e NAME DRIVER CONN` grammar, and building exports.
+//! Configuration: the TOML file and environment (figment), the pipeline grammar, the `-e`
+//! grammar of the command line, and sizes.
 
 pub mod adhoc;
+pub mod model;
+pub mod pipeline;
 pub mod size;
 
-pub use adhoc::{AdhocError, ExportSpec, Storage};
+pub use model::{Config, ExportConfig, Locator, Origin, Problem, Problems};
 pub use size::{SizeError, parse_size};

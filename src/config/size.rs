@@ -60,6 +60,14 @@ mod tests {
     }
 
     #[test]
+    fn human_sizes() {
+        assert_eq!(human(512), "512 bytes");
+        assert_eq!(human(64 << 20), "64 MiB");
+        assert_eq!(human(3 << 29), "1.50 GiB");
+        assert_eq!(human(1 << 40), "1 TiB");
+    }
+
+    #[test]
     fn bad_sizes_say_what_is_wrong() {
         assert_eq!(
             parse_size("abc").unwrap_err().to_string(),
@@ -77,5 +85,58 @@ mod tests {
             parse_size("99999999999999999999").unwrap_err().to_string(),
             "bad size \"99999999999999999999\": the largest size is 8 EiB - 1 byte"
         );
+    }
+}
+
+/// A size in a parameter table: a string with a unit (`"4MiB"`) or a number of bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Size(pub u64);
+
+impl<'de> serde::Deserialize<'de> for Size {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Size;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a size like \"64MiB\" or a number of bytes")
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Size, E> {
+                parse_size(s).map(Size).map_err(E::custom)
+            }
+            fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<Size, E> {
+                if n == 0 || n > MAX_SIZE {
+                    return Err(E::custom(format!(
+                        "bad size {n}: a size must be between 1 byte and 8 EiB - 1"
+                    )));
+                }
+                Ok(Size(n))
+            }
+            fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<Size, E> {
+                match u64::try_from(n) {
+                    Ok(n) => self.visit_u64(n),
+                    Err(_) => Err(E::custom(format!("bad size {n}: a size must be positive"))),
+                }
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// A size for people: `64 MiB`, `1.5 GiB`, `512 bytes`.
+pub fn human(n: u64) -> String {
+    const UNITS: [&str; 6] = ["KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+    if n < 1024 {
+        return format!("{n} bytes");
+    }
+    let mut v = n as f64 / 1024.0;
+    let mut i = 0;
+    while v >= 1024.0 && i + 1 < UNITS.len() {
+        v /= 1024.0;
+        i += 1;
+    }
+    if (v - v.round()).abs() < 0.005 {
+        format!("{} {}", v.round() as u64, UNITS[i])
+    } else {
+        format!("{v:.2} {}", UNITS[i])
     }
 }

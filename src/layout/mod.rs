@@ -1,3 +1,4 @@
-//! Layouts: how a disk's bytes are laid out in its store (`raw` now; `sharded` later).
+//! Layouts: how a disk's bytes are laid out in its store: `raw` (one image) and `sharded` (chunks).
 
 pub mod raw;
+pub mod sharded;

@@ -425,9 +425,9 @@ fn info_or_go(
     // Block sizes are always sent: they bind only clients that asked, and inform the others.
     d.clear();
     d.put_u16(info::BLOCK_SIZE);
-    d.put_u32(dev.block_sizes.minimum);
-    d.put_u32(dev.block_sizes.preferred);
-    d.put_u32(dev.block_sizes.maximum);
+    d.put_u32(export.block_sizes.minimum);
+    d.put_u32(export.block_sizes.preferred);
+    d.put_u32(export.block_sizes.maximum);
     put_reply(out, option, rep::INFO, &d);
 
     put_reply(out, option, rep::ACK, &[]);

@@ -368,6 +368,17 @@ fn validate(session: &Session, req: &Request, payload: Bytes) -> Result<Op, Refu
         });
     }
     let (offset, len) = (req.offset, req.length);
+    let sizes = &session.export.block_sizes;
+    let min = u64::from(sizes.minimum);
+    if min > 1 && (offset % min != 0 || len % min != 0) {
+        return Err((
+            errno::EINVAL,
+            "request not aligned to the minimum block size",
+        ));
+    }
+    if matches!(req.kind, cmd::READ | cmd::WRITE) && len > u64::from(sizes.maximum) {
+        return Err((errno::EINVAL, "request larger than the maximum block size"));
+    }
     Ok(match req.kind {
         cmd::READ => {
             if len > u64::from(MAX_PAYLOAD) {

@@ -3,7 +3,9 @@
 
 Usage:
     /usr/bin/python3 tests/clients/conformance.py URI [--read-only]
-                     [--kind memory|file|nbdkit] [--size BYTES] [--timeout S]
+                     [--kind memory|file|sharded|nbdkit] [--chunk-size BYTES]
+                     [--whole-objects] [--cached [--cache-block-size BYTES]]
+                     [--size BYTES] [--timeout S]
 
 Run it with Debian's /usr/bin/python3: the pyenv python3 on PATH has no `nbd`
 module (the PyPI package called `nbd` is unrelated).
@@ -16,18 +18,66 @@ that cannot run against this export), and exits 0 only if every check passed.
 --kind says what serves URI:
   memory  nbd-rs memory export (sparse, 32 KiB pages; holes are reported)
   file    nbd-rs file export (raw image; hole reporting depends on the fs)
+  sharded nbd-rs sharded export (`-e NAME sharded memory:SIZE` or `file:DIR/?size=`):
+          chunks of --chunk-size bytes (default 4194304, the server's default);
+          a chunk never written, trimmed/zeroed whole, or written whole with
+          zeroes, is absent: HOLE chunks, block status hole,zero (3); a present
+          chunk is data (0) over its whole extent; partial writes (even of
+          zeroes) make a chunk present and partial trims/zeroes keep it present
+          (a store with partial writes; see --whole-objects); FAST_ZERO is
+          refused (ENOTSUP, nothing changed) when it would have to zero part of
+          a present chunk. The script needs chunks of at most 4 MiB (see the
+          layout below).
   nbdkit  `nbdkit memory SIZE` (or `nbdkit -r memory SIZE`), the reference server
           used to validate this script. The few places where nbdkit differs from
-          EXPECTED.md are marked "nbdkit differs" below; with --kind memory or
-          --kind file the script asserts EXPECTED.md exactly.
+          EXPECTED.md are marked "nbdkit differs" below; with --kind memory, file
+          or sharded the script asserts EXPECTED.md exactly.
+--whole-objects: with --kind sharded: the store below the sharded layout has
+  no partial writes (S3: `-e NAME sharded s3:URL?size=`), so every partial
+  change rewrites the whole chunk, and a partial write, trim or zero that
+  leaves its chunk all zeroes deletes it (absent: HOLE, block status 3) instead
+  of keeping it present; e.g. a 512 B write of zeroes into an absent chunk
+  leaves it absent, and zeroing the only data in a present chunk makes it
+  absent. Partial changes that leave data in the chunk keep it present, and
+  FAST_ZERO is refused exactly as without the flag (it is decided before the
+  change, on presence alone). Everything else as --kind sharded.
+--cached: a write-back `cache` block layer sits above the export's layout
+  (`-e NAME DRIVER cache:STORAGE`); EXPECTED.md, "Cached exports". Only these
+  expectations are relaxed, everything else is checked as without the flag:
+  - structured reads may send DATA chunks (whose bytes must still be zero)
+    where the layout alone sends HOLE chunks;
+  - block status may report data (0) where the layout reports hole,zero (3)
+    (a block the cache holds dirty, until it is uploaded); never 3 where the
+    layout reports data. The extents must still describe exactly the request
+    (REQ_ONE: one extent of at most the request), and each one must end at the
+    end of the request, at a boundary of the layout's extents or at a multiple
+    of the cache block size (--cache-block-size, default 4194304, the cache's
+    default `block_size`). Every such answer is then asked again after a FLUSH
+    (which uploads the dirty blocks) and must be the layout's exact answer;
+  - FAST_ZERO over part of a present chunk (sharded) may succeed: then the
+    range reads as zeroes and the bytes around it are unchanged (and block
+    status is as after a plain zero of the range); if it fails it must be
+    ENOTSUP with nothing changed.
+  Not with --kind nbdkit.
 --read-only: the export is read-only: no data is written; write/trim/zero must
   fail with EPERM.
 --size: optional; if given, the export size must equal it.
+--chunk-size: with --kind sharded, the export's chunk size: a power of two from
+  4096 to 4194304. It must match the server's (`chunk_size`, default 4 MiB).
 
 Layout of the first 64 MiB (the export must be at least 64 MiB). The script
 writes only inside [0, 60 MiB) and, if the export is >= 2 GiB, inside
 [1 GiB - 4 KiB, 2 GiB + 4 KiB). [60 MiB, 64 MiB) is never written, so on a
-memory export it stays a hole (also across re-runs against the same server).
+memory or sharded export it stays a hole (also across re-runs against the same
+server).
+
+The checks that depend on the allocation granularity (32 KiB pages on memory,
+chunks on sharded; called G below) place their data at multiples of G: the
+page/chunk-edge round trips use [0, 15 G), the structured-read check
+[align(5 MiB, G), +4 G), the block status checks [4 MiB, 4 MiB + 14 G) (on
+sharded, the chunk checks use [4 MiB + 2 G, 4 MiB + 8 G) of it), all inside
+[0, 60 MiB) for G <= 4 MiB. Each of them first trims or writes what it
+later looks at, so they may share space with the other checks.
 """
 
 import argparse
@@ -51,6 +101,9 @@ GiB = 1024 * MiB
 
 MAX_PAYLOAD = 32 * MiB          # EXPECTED.md: NBD_INFO_BLOCK_SIZE maximum
 PAGE = 32 * KiB                 # nbd-rs (and nbdkit) memory page size
+DEFAULT_CHUNK = 4 * MiB         # nbd-rs sharded default chunk size
+DEFAULT_CACHE_BLOCK = 4 * MiB   # nbd-rs cache default block_size (src/block/cache.rs)
+MAX_SCRIPT_CHUNK = 4 * MiB      # the layout keeps [60 MiB, 64 MiB) whole chunks
 UNKNOWN_EXPORT = "no-such-export"
 
 # Offsets used by the checks (see the module docstring).
@@ -297,6 +350,58 @@ def block_status(h, count, offset, flags=0):
     return ext
 
 
+def expect_cached_extents(got, layout, offset, count, cache_block, req_one, what,
+                          over=False):
+    """--cached, before a FLUSH (EXPECTED.md, cached exports): `got` is the
+    block status a cache layer sent for [offset, offset+count); `layout` is the
+    layout's own complete answer over the same range, [(length, flags)], with
+    flags None where the script does not know them. A cache may report data (0)
+    where the layout reports anything (a block it holds dirty), nothing else:
+    an extent with other flags (hole,zero: 3) must have exactly those flags in
+    the layout over all of it (3 over data fails). Without REQ_ONE the extents
+    describe exactly the request; with it, one extent of at most the request.
+    Each extent ends at the end of the request, at an extent boundary of the
+    layout or at a multiple of the cache block size. over: the layout may
+    describe more than the request (memory), so the extents may too (flags
+    unknown past the request)."""
+    expect_eq(sum(ln for (ln, _) in layout), count, "%s: (script) layout coverage" % what)
+    if req_one:
+        expect(len(got) == 1 and got[0][0] <= count,
+               "%s: REQ_ONE: got %r, expected one extent of at most %d bytes"
+               % (what, got, count))
+    elif over:
+        expect(sum(ln for (ln, _) in got) >= count,
+               "%s: extents %r describe %d bytes < request %d"
+               % (what, got, sum(ln for (ln, _) in got), count))
+    else:
+        expect(sum(ln for (ln, _) in got) == count,
+               "%s: extents %r describe %d bytes, the request %d"
+               % (what, got, sum(ln for (ln, _) in got), count))
+    pieces = []                 # (start, end, flags) of the layout
+    pos = offset
+    for (ln, fl) in layout:
+        pieces.append((pos, pos + ln, fl))
+        pos += ln
+    bounds = {e for (_, e, _) in pieces}
+    pos = offset
+    for (ln, fl) in got:
+        end = pos + ln
+        if fl != 0:
+            under = [(a, b, lf) for (a, b, lf) in pieces
+                     if a < end and b > pos and lf not in (None, fl)]
+            expect(not under, "%s: extents %r: flags %d over [%d, %d), where the layout "
+                   "has (offset, length, flags) %r (a cache may only report data (0) instead "
+                   "of the layout's flags; layout %r)"
+                   % (what, got, fl, pos, end, [(a, b - a, lf) for (a, b, lf) in under],
+                      layout))
+        expect(end == offset + count or end in bounds or end % cache_block == 0
+               or (over and end > offset + count),
+               "%s: extents %r: a boundary at %d, neither a layout boundary (layout %r) "
+               "nor a multiple of the cache block size %d"
+               % (what, got, end, layout, cache_block))
+        pos = end
+
+
 def rnd(n):
     return RNG.randbytes(n)
 
@@ -310,23 +415,64 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("uri")
     ap.add_argument("--read-only", action="store_true")
-    ap.add_argument("--kind", choices=("memory", "file", "nbdkit"), default="memory")
+    ap.add_argument("--kind", choices=("memory", "file", "sharded", "nbdkit"), default="memory")
+    ap.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK,
+                    help="with --kind sharded: the export's chunk size (default %d)"
+                    % DEFAULT_CHUNK)
+    ap.add_argument("--whole-objects", action="store_true",
+                    help="with --kind sharded: the store has no partial writes (S3): a "
+                    "partial write/trim/zero that leaves its chunk all zeroes deletes it")
+    ap.add_argument("--cached", action="store_true",
+                    help="a cache block layer sits above the layout: structured reads may "
+                    "send DATA chunks of zeroes where the layout sends HOLE, block status "
+                    "may report data (0) where the layout reports hole,zero (3) until a "
+                    "FLUSH, FAST_ZERO over part of a present chunk may succeed")
+    ap.add_argument("--cache-block-size", type=int, default=DEFAULT_CACHE_BLOCK,
+                    help="with --cached: the cache's block_size (default %d, the server's "
+                    "default)" % DEFAULT_CACHE_BLOCK)
     ap.add_argument("--size", type=int, default=None)
     ap.add_argument("--timeout", type=float, default=120.0,
                     help="seconds per check before giving up (default 120)")
     ap.add_argument("--seed", type=int, default=None)
     args = ap.parse_args()
+    cs = args.chunk_size
+    if cs & (cs - 1) or not 4096 <= cs <= MAX_SCRIPT_CHUNK:
+        ap.error("--chunk-size %d: must be a power of two from 4096 to %d (the script's "
+                 "64 MiB layout needs [60 MiB, 64 MiB) to be whole chunks)"
+                 % (cs, MAX_SCRIPT_CHUNK))
+    if args.whole_objects and args.kind != "sharded":
+        ap.error("--whole-objects describes the store below a sharded export: "
+                 "it needs --kind sharded")
+    if args.cached and args.kind == "nbdkit":
+        ap.error("--cached describes an nbd-rs cache layer: not with --kind nbdkit")
+    if args.cached and args.kind == "sharded":
+        # The cache uploads whole blocks, and a block of zeroes as WRITE_ZEROES, which deletes
+        # the chunk: over any store, a cached sharded export has whole-object semantics.
+        args.whole_objects = True
+    cb = args.cache_block_size
+    if cb != DEFAULT_CACHE_BLOCK and not args.cached:
+        ap.error("--cache-block-size describes a cache layer: it needs --cached")
+    if cb & (cb - 1) or not 4096 <= cb <= 32 * MiB:
+        ap.error("--cache-block-size %d: must be a power of two from 4096 to %d"
+                 % (cb, 32 * MiB))
 
     seed = args.seed if args.seed is not None else int(time.time())
     RNG.seed(seed)
-    print("# libnbd %s, uri %s, kind %s, %s, seed %d"
+    print("# libnbd %s, uri %s, kind %s%s%s%s, %s, seed %d"
           % (nbd.NBD().get_version(), args.uri, args.kind,
+             " (chunk size %d)" % cs if args.kind == "sharded" else "",
+             ", whole objects" if args.whole_objects else "",
+             ", cached" if args.cached else "",
              "read-only" if args.read_only else "read-write", seed), flush=True)
 
     R = Runner(args.timeout)
     ro = args.read_only
     kind = args.kind
     nbdkit = kind == "nbdkit"
+    # the allocation granularity: memory pages, or sharded chunks
+    gran = cs if kind == "sharded" else PAGE
+    # --cached: the cache block size (the granularity of its block status), else None
+    cached = args.cache_block_size if args.cached else None
     uri = args.uri
     ctx = {}
 
@@ -422,15 +568,17 @@ def main():
 
     # ------------------------------------------------------------------ data
     if not ro:
-        data_checks(R, h, size, kind, alive)
+        data_checks(R, h, size, kind, alive, gran, cached)
     else:
         ro_data_checks(R, h, size, kind)
 
-    structured_checks(R, h, size, kind, ro)
-    block_status_checks(R, h, size, kind, ro)
+    structured_checks(R, h, size, kind, ro, gran, cached)
+    block_status_checks(R, h, size, kind, ro, gran, cached)
+    if kind == "sharded" and not ro:
+        sharded_checks(R, h, gran, args.whole_objects, cached)
 
     if not ro:
-        big_ops_checks(R, h, size, kind)
+        big_ops_checks(R, h, size, kind, cached)
 
     # ---------------------------------------------------------------- errors
     error_checks(R, uri, size, kind, ro, alive)
@@ -472,16 +620,65 @@ def main():
 # --------------------------------------------------------------------------
 # Data path (read-write)
 
-def data_checks(R, h, size, kind, alive):
-    memory_like = kind in ("memory", "nbdkit")
+def human(n):
+    """1048576 -> "1 MiB", 4096 -> "4 KiB", 100 -> "100 B"."""
+    for (unit, name) in ((MiB, "MiB"), (KiB, "KiB")):
+        if n >= unit and n % unit == 0:
+            return "%d %s" % (n // unit, name)
+    return "%d B" % n
+
+
+def granule_name(kind, gran):
+    """"32 KiB page" / "4 MiB chunk": the allocation unit, for check labels."""
+    return "%s %s" % (human(gran), "chunk" if kind == "sharded" else "page")
+
+
+def sharded_fast_zero_refused(gran, offset, length):
+    """Whether FAST_ZERO of [offset, offset+length) on a sharded export must be
+    refused, given that every chunk the range touches is present (the callers
+    zero inside data they just wrote): it is refused when it would have to zero
+    part of a chunk rather than delete whole chunks (the export size is a
+    multiple of the chunk size for every chunk the script touches)."""
+    return offset % gran != 0 or (offset + length) % gran != 0
+
+
+def fast_zero_either(h, length, offset, flags, region, before, what):
+    """--cached: FAST_ZERO of [offset, offset+length) over part of a present
+    chunk (EXPECTED.md, cached exports): it may succeed (the cache holds the
+    block), and then the range reads as zeros and the rest of [region,
+    region+len(before)) (which held `before`) is unchanged; or it fails with
+    ENOTSUP (from the server) and nothing changed. Any other answer fails.
+    Returns True if it succeeded."""
+    n = len(before)
+    a, b = offset - region, offset - region + length
+    assert 0 <= a < b <= n
+    try:
+        h.zero(length, offset, flags)
+    except nbd.Error as e:
+        if e.errnum != errno.ENOTSUP or SERVER_CMD_ERROR not in (e.string or ""):
+            fail("%s: got %s %r, expected success (cached) or ENOTSUP from the server"
+                 % (what, errname(e.errnum), e.string))
+        expect_data(h.pread(n, region), before, "data after the refused " + what)
+        return False
+    got = bytes(h.pread(n, region))
+    expect_data(got[:a], before[:a], "bytes before the range after the successful " + what)
+    expect_zero(got[a:b], "range after the successful " + what)
+    expect_data(got[b:], before[b:], "bytes after the range after the successful " + what)
+    return True
+
+
+def data_checks(R, h, size, kind, alive, gran, cached):
+    G = gran
+    unit = granule_name(kind, G)
 
     for (n, off, label) in [(512, OFF_SMALL, "512 B @0"),
                             (4096, OFF_SMALL + 4096, "4 KiB @4096"),
                             (65536, OFF_SMALL + 65536, "64 KiB @64K"),
                             (1000, OFF_SMALL + 200001, "1000 B @200001 (unaligned)"),
-                            (200, OFF_SMALL + 6 * PAGE - 100, "200 B across a 32K page edge"),
-                            (3 * PAGE + 77, OFF_SMALL + 8 * PAGE + 5,
-                             "98381 B @262149 (4 pages, unaligned)"),
+                            (200, OFF_SMALL + 6 * G - 100, "200 B across a %s edge" % unit),
+                            (3 * G + 77, OFF_SMALL + 8 * G + 5,
+                             "%d B @%d (4 %ss, unaligned)"
+                             % (3 * G + 77, OFF_SMALL + 8 * G + 5, unit.split()[-1])),
                             (MiB, OFF_1M, "1 MiB @1M"),
                             (32 * MiB, OFF_32M, "32 MiB @8M (max payload)")]:
         def c(n=n, off=off):
@@ -491,13 +688,14 @@ def data_checks(R, h, size, kind, alive):
         R.check("pwrite/pread round trip %s" % label, c)
 
     def c_partial():
-        base = rnd(3 * PAGE)
-        off = OFF_SMALL + 12 * PAGE
+        # (the patch straddles the edge between the first two pages/chunks)
+        base = rnd(3 * G)
+        off = OFF_SMALL + 12 * G
         h.pwrite(base, off)
         patch = rnd(333)
-        h.pwrite(patch, off + PAGE - 111)
-        want = base[:PAGE - 111] + patch + base[PAGE - 111 + 333:]
-        expect_data(h.pread(3 * PAGE, off), want)
+        h.pwrite(patch, off + G - 111)
+        want = base[:G - 111] + patch + base[G - 111 + 333:]
+        expect_data(h.pread(3 * G, off), want)
     R.check("partial overwrite inside written data keeps the surrounding bytes", c_partial)
 
     slot = [OFF_OPS]
@@ -524,14 +722,34 @@ def data_checks(R, h, size, kind, alive):
         h.pwrite(rnd(65536), s_trim)
         h.trim(65536, s_trim)
         expect_zero(h.pread(65536, s_trim))
-    R.check("trim 64 KiB (page aligned), then reads zeros", c_trim)
+    R.check("trim 64 KiB (%s aligned), then reads zeros"
+            % ("64 KiB" if kind == "sharded" else "page"), c_trim)
 
-    def zero_check(flags, label, fast_may_fail):
+    def zero_check(flags, label):
         s = next_slot()
         before = rnd(128 * KiB)
+        fast = bool(flags & nbd.CMD_FLAG_FAST_ZERO)
+        # EXPECTED.md: FAST_ZERO on memory is OK. A file export may answer ENOTSUP.
+        # On sharded it is refused exactly when part of a (present) chunk would
+        # have to be zeroed; --cached: then either refused or done (see
+        # fast_zero_either).
+        fast_may_fail = fast and kind == "file"
+        fast_must_fail = (fast and kind == "sharded"
+                          and sharded_fast_zero_refused(G, s + 16 * KiB, 65536))
+        fast_either = fast_must_fail and cached
+        fast_must_fail = fast_must_fail and not cached
 
         def c():
             h.pwrite(before, s)
+            if fast_either:
+                fast_zero_either(h, 65536, s + 16 * KiB, flags, s, before,
+                                 "FAST_ZERO over part of a written %s" % unit)
+                return
+            if fast_must_fail:
+                expect_err(lambda: h.zero(65536, s + 16 * KiB, flags), errno.ENOTSUP,
+                           "FAST_ZERO over part of a written %s" % unit)
+                expect_data(h.pread(128 * KiB, s), before, "data after refused FAST_ZERO")
+                return
             try:
                 h.zero(65536, s + 16 * KiB, flags)
             except nbd.Error as e:
@@ -544,15 +762,23 @@ def data_checks(R, h, size, kind, alive):
             expect_data(got[:16 * KiB], before[:16 * KiB], "bytes before the zeroed range")
             expect_zero(got[16 * KiB:80 * KiB], "zeroed range")
             expect_data(got[80 * KiB:], before[80 * KiB:], "bytes after the zeroed range")
-        R.check("zero %s 64 KiB (straddling pages), reads zeros, neighbours intact" % label, c)
+        if fast_either:
+            R.check("zero %s 64 KiB over part of a written %s -> ENOTSUP, data unchanged, "
+                    "or (cached) OK, zeros, neighbours intact" % (label, unit), c)
+        elif fast_must_fail:
+            R.check("zero %s 64 KiB over part of a written %s -> ENOTSUP, data unchanged"
+                    % (label, unit), c)
+        else:
+            R.check("zero %s 64 KiB (%s), reads zeros, neighbours intact"
+                    % (label, "inside written data" if kind == "sharded"
+                       else "straddling pages"), c)
 
-    zero_check(0, "plain", False)
-    zero_check(nbd.CMD_FLAG_NO_HOLE, "NO_HOLE", False)
-    # EXPECTED.md: FAST_ZERO on memory is OK. A file export may answer ENOTSUP.
-    zero_check(nbd.CMD_FLAG_FAST_ZERO, "FAST_ZERO", kind == "file")
-    zero_check(nbd.CMD_FLAG_FUA, "FUA", False)
+    zero_check(0, "plain")
+    zero_check(nbd.CMD_FLAG_NO_HOLE, "NO_HOLE")
+    zero_check(nbd.CMD_FLAG_FAST_ZERO, "FAST_ZERO")
+    zero_check(nbd.CMD_FLAG_FUA, "FUA")
     zero_check(nbd.CMD_FLAG_NO_HOLE | nbd.CMD_FLAG_FAST_ZERO | nbd.CMD_FLAG_FUA,
-               "NO_HOLE|FAST_ZERO|FUA", kind == "file")
+               "NO_HOLE|FAST_ZERO|FUA")
 
     s_small = next_slot()
 
@@ -622,33 +848,60 @@ def ro_data_checks(R, h, size, kind):
 # --------------------------------------------------------------------------
 # Structured reads and block status
 
-def structured_checks(R, h, size, kind, ro):
-    # Never-written area: HOLE chunks on an nbd-rs memory export.
+def align_up(x, unit):
+    return (x + unit - 1) // unit * unit
+
+
+def chunk_list(chunks):
+    return sorted((o, n, st) for (o, n, st, _) in chunks)
+
+
+def expect_hole_types(types, cached, what):
+    """`types`: the chunk types a structured read sent over an area the layout
+    sends as HOLE chunks. Without --cached they must be HOLE only; with it the
+    cache layer may send DATA instead, for all or part of the area (the caller
+    checks that the bytes are zero either way)."""
+    allowed = {nbd.READ_HOLE, nbd.READ_DATA} if cached else {nbd.READ_HOLE}
+    expect(types and types <= allowed, "%s: %r, expected %s" % (
+        what, sorted(types), "HOLE and/or DATA (cached)" if cached else "HOLE only"))
+
+
+def structured_checks(R, h, size, kind, ro, gran, cached):
+    G = gran
+    sharded = kind == "sharded"
+    # [OFF_HOLE, +4 MiB) is never written: zeros on every export without a backing image
+    zero_hole = kind in ("memory", "nbdkit", "sharded")
+
+    # Never-written area: HOLE chunks on an nbd-rs memory export, one HOLE chunk
+    # (absent chunks) on a sharded one (--cached: HOLE and/or DATA chunks of zeros).
     def c_hole():
         data, chunks = structured_read(h, 65536, OFF_HOLE)
         check_chunks_cover(chunks, 65536, OFF_HOLE)
-        if kind in ("memory", "nbdkit"):
+        if zero_hole:
             expect_zero(data, "never-written area")
         types = {st for (_, _, st, _) in chunks}
-        if kind == "memory":
-            expect(types == {nbd.READ_HOLE},
-                   "never-written memory area arrived as %r, expected only HOLE chunks"
-                   % sorted((o, n, st) for (o, n, st, _) in chunks))
+        if kind == "memory" or (sharded and cached):
+            expect_hole_types(types, cached, "never-written area arrived as %r, types"
+                              % chunk_list(chunks))
+        elif sharded:
+            expect_eq(chunk_list(chunks), [(OFF_HOLE, 65536, nbd.READ_HOLE)],
+                      "chunks of a never-written (absent) sharded chunk")
         elif kind == "nbdkit":
             # nbdkit differs: its memory plugin answers an unwritten area with a
             # DATA chunk of zeros, not a HOLE chunk.
             expect(types == {nbd.READ_DATA},
-                   "nbdkit: expected DATA chunks, got %r"
-                   % sorted((o, n, st) for (o, n, st, _) in chunks))
-    R.check("pread_structured of a never-written area: %s" % {
-        "memory": "HOLE chunk(s)", "nbdkit": "DATA chunk (nbdkit)",
-        "file": "chunks cover the range"}[kind], c_hole)
+                   "nbdkit: expected DATA chunks, got %r" % chunk_list(chunks))
+    R.check("pread_structured of a never-written area: %s" % (
+        "zeros, HOLE and/or DATA chunk(s) (cached)" if cached and kind != "file" else {
+            "memory": "HOLE chunk(s)", "nbdkit": "DATA chunk (nbdkit)",
+            "sharded": "one HOLE chunk (absent chunk)",
+            "file": "chunks cover the range"}[kind]), c_hole)
 
     def c_hole_df():
         data, chunks = structured_read(h, 65536, OFF_HOLE, nbd.CMD_FLAG_DF)
         expect(len(chunks) == 1, "DF: got %d chunks, expected 1" % len(chunks))
         check_chunks_cover(chunks, 65536, OFF_HOLE)
-        if kind in ("memory", "nbdkit"):
+        if zero_hole:
             expect_zero(data, "never-written area")
     R.check("pread_structured DF of a never-written area: exactly one chunk", c_hole_df)
 
@@ -666,43 +919,112 @@ def structured_checks(R, h, size, kind, ro):
         R.check("pread_structured @0: chunks cover the range, agree with pread", c_ro_data)
         return
 
-    # Page 0 of the region written, page 1 trimmed (a hole on memory).
+    # Page (chunk) 0 of the region written, page 1 trimmed (a hole on memory,
+    # an absent chunk on sharded).
+    off = align_up(OFF_SR, G)
+    unit = granule_name(kind, G).split()[-1]
+
     def c_mixed():
-        h.trim(4 * PAGE, OFF_SR)
-        d = rnd(PAGE)
-        h.pwrite(d, OFF_SR)
-        data, chunks = structured_read(h, 2 * PAGE, OFF_SR)
-        check_chunks_cover(chunks, 2 * PAGE, OFF_SR)
-        expect_data(data, d + bytes(PAGE))
+        h.trim(4 * G, off)
+        d = rnd(G)
+        h.pwrite(d, off)
+        data, chunks = structured_read(h, 2 * G, off)
+        check_chunks_cover(chunks, 2 * G, off)
+        expect_data(data, d + bytes(G))
         for (o, n, st, sub) in chunks:
-            want = (d + bytes(PAGE))[o - OFF_SR:o - OFF_SR + n]
+            want = (d + bytes(G))[o - off:o - off + n]
             expect_data(sub, want, "chunk at %d (type %d)" % (o, st))
-        expect_eq(chunk_types_in(chunks, OFF_SR, OFF_SR + PAGE), {nbd.READ_DATA},
-                  "chunk types over the written page")
-        if kind == "memory":
-            expect_eq(chunk_types_in(chunks, OFF_SR + PAGE, OFF_SR + 2 * PAGE),
-                      {nbd.READ_HOLE}, "chunk types over the trimmed page")
-    R.check("pread_structured data page + %s: %s" % (
-        "trimmed page", "DATA then HOLE" if kind == "memory" else "DATA over the data"),
+        expect_eq(chunk_types_in(chunks, off, off + G), {nbd.READ_DATA},
+                  "chunk types over the written %s" % unit)
+        if kind in ("memory", "sharded"):
+            expect_hole_types(chunk_types_in(chunks, off + G, off + 2 * G), cached,
+                              "chunk types over the trimmed %s" % unit)
+        holes = [(o, n) for (o, n, st) in chunk_list(chunks) if st == nbd.READ_HOLE]
+        if sharded and not cached:
+            expect_eq(holes, [(off + G, G)], "HOLE chunks (one, over the absent chunk)")
+        elif sharded:
+            # (a cache may split the hole or send part of it as DATA; never over data)
+            expect(all(off + G <= o and o + n <= off + 2 * G for (o, n) in holes),
+                   "HOLE chunks %r outside the absent chunk [%d, +%d)" % (holes, off + G, G))
+    R.check("pread_structured data %s + trimmed %s: %s" % (
+        unit, unit,
+        ("DATA then HOLE" + (" or DATA of zeros (cached)" if cached else ""))
+        if kind in ("memory", "sharded") else "DATA over the data"),
         c_mixed)
 
     def c_mixed_df():
-        d = bytes(h.pread(PAGE, OFF_SR))
-        data, chunks = structured_read(h, 2 * PAGE, OFF_SR, nbd.CMD_FLAG_DF)
+        d = bytes(h.pread(G, off))
+        data, chunks = structured_read(h, 2 * G, off, nbd.CMD_FLAG_DF)
         expect(len(chunks) == 1, "DF: got %d chunks %r, expected 1"
                % (len(chunks), [(o, n, st) for (o, n, st, _) in chunks]))
-        check_chunks_cover(chunks, 2 * PAGE, OFF_SR)
+        check_chunks_cover(chunks, 2 * G, off)
         expect_eq(chunks[0][2], nbd.READ_DATA, "DF chunk type over data + hole")
-        expect_data(data, d + bytes(PAGE))
+        expect_data(data, d + bytes(G))
     R.check("pread_structured DF over data + hole: one DATA chunk", c_mixed_df)
 
 
-def block_status_checks(R, h, size, kind, ro):
+def expect_extents(h, count, offset, layout, what, cached, flags=0):
+    """Block status of [offset, offset+count) (flags: 0 or REQ_ONE) must be the
+    layout's exact answer `layout`, the complete [(length, flags)] over the
+    request (with REQ_ONE: its first extent). cached (None, or the cache block
+    size): first the answer must pass expect_cached_extents (dirty blocks may
+    be reported as data); then, after a FLUSH (which uploads every dirty
+    block), it must be the layout's exact answer again."""
+    req_one = bool(flags & nbd.CMD_FLAG_REQ_ONE)
+    want = layout[:1] if req_one else layout
+    got = block_status(h, count, offset, flags)
+    if not cached:
+        expect_eq(got, want, what)
+        return
+    expect_cached_extents(got, layout, offset, count, cached, req_one,
+                          what + " (cached, before FLUSH)")
+    h.flush()
+    expect_eq(block_status(h, count, offset, flags), want, what + " (after a FLUSH)")
+
+
+def paged_status(h, count, offset, data, cached, what, flags=0):
+    """Memory (and nbdkit) block status, whose exact extents the script does not
+    pin down past the data: returns the extents to check against the layout's
+    rules. cached: first checks the answer before a FLUSH as a cache may send it
+    (data (0) where the layout reports data, the bytes of `data` (a list of
+    (offset, length)); anything else may be hole,zero (3) or data (0);
+    boundaries on 32 KiB pages), then FLUSHes and returns the answer after it,
+    which must follow the layout's rules."""
+    ext = block_status(h, count, offset, flags)
+    if not cached:
+        return ext
+    layout = []
+    pos = offset
+    for (o, n) in sorted(data):
+        if o > pos:
+            layout.append((o - pos, None))
+        layout.append((n, 0))
+        pos = o + n
+    if pos < offset + count:
+        layout.append((offset + count - pos, None))
+    expect_cached_extents(ext, layout, offset, count, PAGE,
+                          bool(flags & nbd.CMD_FLAG_REQ_ONE),
+                          what + " (cached, before FLUSH)", over=True)
+    expect(all(fl in (0, 3) for (_, fl) in ext),
+           "%s (cached, before FLUSH): extents %r: flags other than data (0) or "
+           "hole,zero (3)" % (what, ext))
+    h.flush()
+    return block_status(h, count, offset, flags)
+
+
+def block_status_checks(R, h, size, kind, ro, gran, cached):
+    G = gran
     memory_like = kind in ("memory", "nbdkit")
+    sharded = kind == "sharded"
+    paged = memory_like or sharded      # exact page/chunk expectations
+    unit = granule_name(kind, G).split()[-1]
+
+    def exact(count, offset, layout, what, flags=0):
+        expect_extents(h, count, offset, layout, what, cached, flags)
 
     if memory_like:
         def c_hole():
-            ext = block_status(h, MiB, OFF_HOLE)
+            ext = paged_status(h, MiB, OFF_HOLE, [], cached, "never-written area")
             expect(all(fl == 3 for (_, fl) in ext),
                    "never-written area: extents %r, expected all hole,zero (3)" % ext)
             total = sum(ln for (ln, _) in ext)
@@ -711,79 +1033,449 @@ def block_status_checks(R, h, size, kind, ro):
         R.check("block_status never-written 1 MiB: hole,zero (3)", c_hole)
 
         def c_hole_one():
-            ext = block_status(h, MiB, OFF_HOLE, nbd.CMD_FLAG_REQ_ONE)
+            ext = paged_status(h, MiB, OFF_HOLE, [], cached, "never-written area, REQ_ONE",
+                               nbd.CMD_FLAG_REQ_ONE)
             expect_eq(ext[0][1], 3, "REQ_ONE extent flags")
         R.check("block_status REQ_ONE never-written: one extent, flags 3", c_hole_one)
+    elif sharded:
+        # absent chunks: one hole,zero extent, exactly the request
+        def c_hole():
+            exact(MiB, OFF_HOLE, [(MiB, 3)], "extents")
+        R.check("block_status never-written 1 MiB: [(%d, 3)] (absent chunks)" % MiB, c_hole)
+
+        def c_hole_one():
+            exact(MiB, OFF_HOLE, [(MiB, 3)], "REQ_ONE extents", nbd.CMD_FLAG_REQ_ONE)
+        R.check("block_status REQ_ONE never-written: [(%d, 3)]" % MiB, c_hole_one)
 
     def c_end():
         ext = block_status(h, 65536, size - 65536)
         total = sum(ln for (ln, _) in ext)
         expect(total <= 65536, "extents %r run past the end of the export" % ext)
-    R.check("block_status of the last 64 KiB stays inside the export", c_end)
+        if sharded:
+            # (a sharded export describes exactly the request, chunk by chunk)
+            expect_eq(total, 65536, "extents %r: bytes described" % ext)
+            expect(all(fl in (0, 3) for (_, fl) in ext),
+                   "extents %r: flags other than data (0) or hole,zero (3)" % ext)
+    R.check("block_status of the last 64 KiB stays inside the export%s"
+            % (", describes all of it" if sharded else ""), c_end)
 
     if ro:
         return
 
+    # sharded: at least two chunks, so that one stays absent
+    span = max(MiB, 2 * G) if sharded else MiB
+
     def c_data():
-        h.trim(MiB, OFF_BS)
+        h.trim(span, OFF_BS)
         h.pwrite(rnd(4096), OFF_BS)
-        ext = block_status(h, MiB, OFF_BS)
         if memory_like:
             # 32 KiB pages: the page holding the data is one data extent.
+            ext = paged_status(h, span, OFF_BS, [(OFF_BS, PAGE)], cached, "extents")
             expect_eq(ext[0], (PAGE, 0), "first extent")
             rest = ext[1:]
             expect(rest and all(fl == 3 for (_, fl) in rest),
                    "extents after the data page: %r, expected hole,zero (3)" % rest)
             total = sum(ln for (ln, _) in ext)
             expect(total >= MiB, "extents cover %d bytes < request %d" % (total, MiB))
+        elif sharded:
+            # the chunk holding the data is data over its whole extent; the rest,
+            # trimmed whole, is absent
+            exact(span, OFF_BS, [(G, 0), (span - G, 3)], "extents")
         else:
+            ext = block_status(h, span, OFF_BS)
             expect_eq(ext[0][1], 0, "flags of the data extent")
             expect(ext[0][0] >= 4096, "data extent %r shorter than the write" % (ext[0],))
-    R.check("block_status 1 MiB after a 4 KiB write: %s" % (
-        "[32768 data(0), rest hole,zero(3)]" if memory_like else "data extent flags 0"),
-        c_data)
+    R.check("block_status %s after a 4 KiB write: %s" % (human(span), (
+        "[32768 data(0), rest hole,zero(3)]" if memory_like
+        else "[(%d, 0), (%d, 3)]" % (G, span - G) if sharded
+        else "data extent flags 0")), c_data)
 
     def c_data_one():
-        ext = block_status(h, 4096, OFF_BS, nbd.CMD_FLAG_REQ_ONE)
-        expect_eq(ext, [(4096, 0)], "REQ_ONE extents")
+        if paged:
+            exact(4096, OFF_BS, [(4096, 0)], "REQ_ONE extents", nbd.CMD_FLAG_REQ_ONE)
+        else:
+            ext = block_status(h, 4096, OFF_BS, nbd.CMD_FLAG_REQ_ONE)
+            expect_eq(ext, [(4096, 0)], "REQ_ONE extents")
     R.check("block_status REQ_ONE 4 KiB over data: [(4096, 0)]", c_data_one)
 
     def c_data_one_big():
-        ext = block_status(h, MiB, OFF_BS, nbd.CMD_FLAG_REQ_ONE)
-        if memory_like:
-            expect_eq(ext, [(PAGE, 0)], "REQ_ONE extents")
+        if paged:
+            # (the data page / chunk, then [OFF_BS + G, OFF_BS + span) trimmed)
+            exact(span, OFF_BS, [(G, 0), (span - G, 3)], "REQ_ONE extents",
+                  nbd.CMD_FLAG_REQ_ONE)
         else:
+            ext = block_status(h, span, OFF_BS, nbd.CMD_FLAG_REQ_ONE)
             expect_eq(ext[0][1], 0, "REQ_ONE extent flags")
-    R.check("block_status REQ_ONE 1 MiB over data page: %s" % (
-        "[(32768, 0)]" if memory_like else "one data extent"), c_data_one_big)
+    R.check("block_status REQ_ONE %s over data %s: %s" % (
+        human(span), unit, "[(%d, 0)]" % G if paged else "one data extent"), c_data_one_big)
 
-    if memory_like:
-        for (label, op) in [("zero", lambda o: h.zero(2 * PAGE, o)),
-                            ("trim", lambda o: h.trim(2 * PAGE, o))]:
+    if paged:
+        for (label, op) in [("zero", lambda o: h.zero(2 * G, o)),
+                            ("trim", lambda o: h.trim(2 * G, o))]:
             def c(op=op, label=label):
-                o = OFF_BS + 8 * PAGE
-                h.pwrite(rnd(2 * PAGE), o)
-                ext = block_status(h, 2 * PAGE, o, nbd.CMD_FLAG_REQ_ONE)
-                expect_eq(ext, [(2 * PAGE, 0)], "extents after write")
+                o = OFF_BS + 8 * G
+                h.pwrite(rnd(2 * G), o)
+                exact(2 * G, o, [(2 * G, 0)], "extents after write", nbd.CMD_FLAG_REQ_ONE)
                 op(o)
-                ext = block_status(h, 2 * PAGE, o)
-                expect(all(fl == 3 for (_, fl) in ext),
-                       "extents after %s: %r, expected hole,zero (3)" % (label, ext))
-                expect(sum(ln for (ln, _) in ext) >= 2 * PAGE, "extents too short: %r" % ext)
-                expect_zero(h.pread(2 * PAGE, o), "after " + label)
-            R.check("block_status after %s of 2 written pages: hole,zero (3)" % label, c)
+                if sharded:
+                    exact(2 * G, o, [(2 * G, 3)], "extents after %s (chunks deleted)" % label)
+                else:
+                    ext = paged_status(h, 2 * G, o, [], cached, "extents after " + label)
+                    expect(all(fl == 3 for (_, fl) in ext),
+                           "extents after %s: %r, expected hole,zero (3)" % (label, ext))
+                    expect(sum(ln for (ln, _) in ext) >= 2 * G, "extents too short: %r" % ext)
+                expect_zero(h.pread(2 * G, o), "after " + label)
+            R.check("block_status after %s of 2 written %ss: hole,zero (3)" % (label, unit), c)
 
         def c_nohole():
-            o = OFF_BS + 12 * PAGE
-            h.pwrite(rnd(2 * PAGE), o)
-            h.zero(2 * PAGE, o, nbd.CMD_FLAG_NO_HOLE)
-            ext = block_status(h, 2 * PAGE, o)
-            expect(all(fl & nbd.STATE_ZERO for (_, fl) in ext),
-                   "extents after zero NO_HOLE: %r, expected the ZERO bit" % ext)
-        R.check("block_status after zero NO_HOLE: ZERO bit set", c_nohole)
+            o = OFF_BS + 12 * G
+            h.pwrite(rnd(2 * G), o)
+            h.zero(2 * G, o, nbd.CMD_FLAG_NO_HOLE)
+            if sharded:
+                # NO_HOLE is ignored: chunks covered whole are deleted
+                exact(2 * G, o, [(2 * G, 3)], "extents after zero NO_HOLE of 2 whole chunks")
+            else:
+                ext = paged_status(h, 2 * G, o, [], cached, "extents after zero NO_HOLE")
+                expect(all(fl & nbd.STATE_ZERO for (_, fl) in ext),
+                       "extents after zero NO_HOLE: %r, expected the ZERO bit" % ext)
+            expect_zero(h.pread(2 * G, o), "after zero NO_HOLE")
+        R.check("block_status after zero NO_HOLE: %s" % (
+            "[(%d, 3)] (whole chunks deleted)" % (2 * G) if sharded else "ZERO bit set"),
+            c_nohole)
 
 
-def big_ops_checks(R, h, size, kind):
+def merged(ext):
+    """Extents with neighbours of the same flags merged (a sharded export sends
+    them merged): [(G, 3), (G, 3)] -> [(2 G, 3)]."""
+    out = []
+    for (ln, fl) in ext:
+        if out and out[-1][1] == fl:
+            out[-1] = (out[-1][0] + ln, fl)
+        else:
+            out.append((ln, fl))
+    return out
+
+
+def sharded_checks(R, h, G, whole_objects, cached):
+    """Chunk semantics of a sharded export, in the chunks [X, X + 6 G) with
+    X = OFF_BS + 2 G (left alone by the block status checks). Every check first
+    trims its chunks whole, which makes them absent.
+
+    whole_objects: the store has no partial writes, so a partial write, trim or
+    zero that leaves its chunk all zeroes deletes it (with partial writes the
+    chunk stays present). cached (None, or the cache block size): a cache layer
+    may send DATA chunks of zeros where the layout sends HOLE, block status may
+    report data (0) where the layout reports hole,zero (3) until a FLUSH (after
+    it, the layout's exact answer), and FAST_ZERO over part of a present chunk
+    may succeed (EXPECTED.md, cached exports)."""
+    X = OFF_BS + 2 * G
+    H, D = nbd.READ_HOLE, nbd.READ_DATA
+    # The extents / chunk types of a chunk that a partial change left all zeroes.
+    Z_EXT = 3 if whole_objects else 0
+    Z = H if whole_objects else D
+    z_word = "absent" if whole_objects else "present"
+
+    def ext_is(count, offset, layout, what, flags=0):
+        expect_extents(h, count, offset, layout, what, cached, flags)
+
+    def reset(n):
+        h.trim(n * G, X)
+        ext_is(n * G, X, [(n * G, 3)],
+               "extents after trimming %d whole chunks" % n)
+
+    def chunk_map(want, what):
+        """Structured read of len(want) chunks at X: chunk i must arrive as
+        chunks of type want[i] only (HOLE chunks zero), agreeing with pread; a
+        chunk wanted as HOLE (absent) reads as zeros. With a cache layer, an
+        absent chunk may arrive as DATA (of zeros) too."""
+        n = len(want)
+        ref = bytes(h.pread(n * G, X))
+        data, chunks = structured_read(h, n * G, X)
+        check_chunks_cover(chunks, n * G, X)
+        expect_data(data, ref, "%s: structured read vs pread" % what)
+        for (o, ln, st, sub) in chunks:
+            if st == H:
+                expect_zero(sub, "%s: HOLE chunk at %d" % (what, o))
+        for i in range(n):
+            if want[i] == H:
+                expect_zero(ref[i * G:(i + 1) * G], "%s: absent chunk %d" % (what, i))
+        got = [chunk_types_in(chunks, X + i * G, X + (i + 1) * G) for i in range(n)]
+        if not cached:
+            expect_eq(got, [{t} for t in want], "%s: chunk types per sharded chunk" % what)
+            return
+        for i in range(n):
+            if want[i] == H:
+                expect_hole_types(got[i], True, "%s: chunk types of absent chunk %d"
+                                  % (what, i))
+            else:
+                expect_eq(got[i], {want[i]}, "%s: chunk types of present chunk %d"
+                          % (what, i))
+
+    def c_zero_write():
+        reset(3)
+        h.pwrite(bytes(512), X + G + 1000)
+        ext_is(3 * G, X, merged([(G, 3), (G, Z_EXT), (G, 3)]),
+               "extents")
+        expect_zero(h.pread(3 * G, X), "after writing zeroes")
+        chunk_map([H, Z, H], "after writing zeroes")
+    if whole_objects:
+        R.check("sharded (whole objects): a 512 B write of zeroes into an absent chunk "
+                "leaves it absent: [(3G, 3)], HOLE", c_zero_write)
+    else:
+        R.check("sharded: a 512 B write of zeroes makes its chunk present: "
+                "[(G, 3), (G, 0), (G, 3)], DATA over it, HOLE around", c_zero_write)
+
+    def c_whole_zero_write():
+        # A whole chunk of zeroes written as data is a deleted chunk, on every store.
+        reset(3)
+        d = rnd(3 * G)
+        h.pwrite(d, X)
+        h.pwrite(bytes(G), X + G)
+        want = d[:G] + bytes(G) + d[2 * G:]
+        expect_data(h.pread(3 * G, X), want, "after writing chunk 1 whole with zeroes")
+        ext_is(3 * G, X, [(G, 0), (G, 3), (G, 0)],
+               "extents after writing chunk 1 whole with zeroes")
+        chunk_map([D, H, D], "after writing chunk 1 whole with zeroes")
+        # again (FUA), onto the now absent chunk: it stays absent
+        h.pwrite(bytes(G), X + G, nbd.CMD_FLAG_FUA)
+        ext_is(3 * G, X, [(G, 0), (G, 3), (G, 0)],
+               "extents after writing zeroes (FUA) over the absent chunk 1")
+        # zeroes over half of chunk 0, chunk 1 whole, half of chunk 2 in one write:
+        # chunk 1 stays absent, 0 and 2 keep their other halves (present)
+        h.pwrite(bytes(2 * G), X + G // 2)
+        want = d[:G // 2] + bytes(2 * G) + d[2 * G + G // 2:]
+        expect_data(h.pread(3 * G, X), want, "after writing [G/2, 5G/2) with zeroes")
+        ext_is(3 * G, X, [(G, 0), (G, 3), (G, 0)],
+               "extents after writing [G/2, 5G/2) with zeroes")
+        chunk_map([D, H, D], "after writing [G/2, 5G/2) with zeroes")
+    R.check("sharded: a write of a whole chunk of zeroes deletes the chunk (hole), "
+            "also with FUA and inside a longer write; neighbours with data stay data",
+            c_whole_zero_write)
+
+    def c_zero_write_over_data():
+        # The partial writes of zeroes that leave the chunk all zeroes delete it on
+        # whole objects; with partial writes the chunk stays present.
+        reset(3)
+        d = rnd(512)
+        h.pwrite(d, X + G + 1000)
+        h.pwrite(bytes(256), X + G + 1000)
+        expect_data(h.pread(512, X + G + 1000), bytes(256) + d[256:],
+                    "after zeroing the first half of the data")
+        ext_is(3 * G, X, [(G, 3), (G, 0), (G, 3)],
+               "extents after writing zeroes over part of the data (data left)")
+        h.pwrite(bytes(256), X + G + 1256)
+        expect_zero(h.pread(3 * G, X), "after writing zeroes over all the data")
+        ext_is(3 * G, X, merged([(G, 3), (G, Z_EXT), (G, 3)]),
+               "extents after writing zeroes over the rest of the only data")
+        chunk_map([H, Z, H], "after writing zeroes over the only data")
+    R.check("sharded%s: a partial write of zeroes over part of the only data keeps the "
+            "chunk present; over the rest of it leaves the chunk %s"
+            % (" (whole objects)" if whole_objects else "", z_word),
+            c_zero_write_over_data)
+
+    for (label, op) in [("trim", lambda ln, o: h.trim(ln, o)),
+                        ("trim FUA", lambda ln, o: h.trim(ln, o, nbd.CMD_FLAG_FUA)),
+                        ("zero", lambda ln, o: h.zero(ln, o)),
+                        ("zero NO_HOLE", lambda ln, o: h.zero(ln, o, nbd.CMD_FLAG_NO_HOLE)),
+                        ("zero FUA", lambda ln, o: h.zero(ln, o, nbd.CMD_FLAG_FUA))]:
+        def c_only_data(op=op, label=label):
+            # chunks 0 and 1 hold 200 B across their edge, chunk 2 holds 512 B;
+            # nothing else. Then each piece of data is trimmed/zeroed (partially
+            # covering its chunks).
+            reset(3)
+            h.pwrite(rnd(200), X + G - 100)
+            h.pwrite(rnd(512), X + 2 * G + 1000)
+            ext_is(3 * G, X, [(3 * G, 0)], "extents before " + label)
+            op(200, X + G - 100)
+            op(512, X + 2 * G + 1000)
+            expect_zero(h.pread(3 * G, X), "after " + label)
+            ext_is(3 * G, X, [(3 * G, Z_EXT)],
+                   "extents after %s of the only data in each chunk" % label)
+            chunk_map([Z, Z, Z], "after %s of the only data" % label)
+        R.check("sharded%s: %s of the only data in present chunks (partial ranges, one "
+                "across a chunk edge) leaves them %s"
+                % (" (whole objects)" if whole_objects else "", label, z_word), c_only_data)
+
+    def c_fast_only_data():
+        # FAST_ZERO is decided on presence: refused even where the chunk would end
+        # up all zeroes (and so, on whole objects, be deleted).
+        # --cached: it may succeed instead, and then the chunk is as after a
+        # zero of its only data (Z_EXT).
+        reset(3)
+        d = rnd(512)
+        h.pwrite(d, X + G + 1000)
+        what = "FAST_ZERO of the only data in a present chunk"
+        if cached:
+            before = bytes(G + 1000) + d + bytes(2 * G - 1512)
+            if fast_zero_either(h, 512, X + G + 1000, nbd.CMD_FLAG_FAST_ZERO, X, before,
+                                what):
+                ext_is(3 * G, X, merged([(G, 3), (G, Z_EXT), (G, 3)]),
+                       "extents after the successful (cached) " + what)
+                return
+        else:
+            expect_err(lambda: h.zero(512, X + G + 1000, nbd.CMD_FLAG_FAST_ZERO),
+                       errno.ENOTSUP, what)
+            expect_data(h.pread(512, X + G + 1000), d, "data after the refused FAST_ZERO")
+        ext_is(3 * G, X, [(G, 3), (G, 0), (G, 3)], "extents after the refused FAST_ZERO")
+    R.check("sharded: FAST_ZERO of the only data in a present chunk -> ENOTSUP, "
+            "nothing changed" + (", or (cached) OK, zeros, the chunk %s" % z_word
+                                 if cached else ""), c_fast_only_data)
+
+    def c_clip():
+        # chunk 1 present, chunks 0 and 2 absent
+        reset(3)
+        h.pwrite(rnd(512), X + G + 1000)
+        ext_is(G, X + G + G // 2, [(G // 2, 0), (G // 2, 3)],
+               "extents from the middle of the present chunk")
+        ext_is(G, X + G // 2, [(G // 2, 3), (G // 2, 0)],
+               "extents from the middle of the absent chunk")
+        ext_is(512, X + G + G // 4, [(512, 0)],
+               "512 B inside the present chunk")
+        # REQ_ONE: the first extent of the layout's answer [(G/2, 3), (G, 0), (G/2, 3)]
+        ext_is(2 * G, X + G // 2, [(G // 2, 3), (G, 0), (G // 2, 3)],
+               "REQ_ONE from the middle of the absent chunk", nbd.CMD_FLAG_REQ_ONE)
+        # ... of [(G - 1, 0), (G, 3), (1 byte of chunk 3, not known here)]
+        ext_is(2 * G, X + G + 1, [(G - 1, 0), (G, 3), (1, None)],
+               "REQ_ONE from inside the present chunk", nbd.CMD_FLAG_REQ_ONE)
+    R.check("sharded: block status is per chunk, clipped to the request", c_clip)
+
+    def c_edge():
+        reset(3)
+        d = rnd(200)
+        h.pwrite(d, X + G - 100)
+        ext_is(3 * G, X, [(2 * G, 0), (G, 3)], "extents")
+        expect_data(h.pread(200, X + G - 100), d)
+        chunk_map([D, D, H], "after a write across the edge")
+    R.check("sharded: a 200 B write across a chunk edge makes both chunks present", c_edge)
+
+    partial_ops = [
+        ("trim", lambda ln, o: h.trim(ln, o)),
+        ("trim FUA", lambda ln, o: h.trim(ln, o, nbd.CMD_FLAG_FUA)),
+        ("zero", lambda ln, o: h.zero(ln, o)),
+        ("zero NO_HOLE", lambda ln, o: h.zero(ln, o, nbd.CMD_FLAG_NO_HOLE)),
+    ]
+    for (label, op) in partial_ops:
+        def c_partial(op=op, label=label):
+            # [X + G/2, X + 3G/2): half of chunk 0, half of chunk 1; none whole
+            reset(2)
+            d = rnd(2 * G)
+            h.pwrite(d, X)
+            op(G, X + G // 2)
+            want = d[:G // 2] + bytes(G) + d[G // 2 + G:]
+            expect_data(h.pread(2 * G, X), want, "after %s" % label)
+            ext_is(2 * G, X, [(2 * G, 0)],
+                   "extents after a partial %s (chunks stay present)" % label)
+            chunk_map([D, D], "after a partial " + label)
+        R.check("sharded: %s of half of 2 written chunks zeroes in place, both stay data"
+                % label, c_partial)
+
+    whole_ops = partial_ops + [
+        ("zero FUA", lambda ln, o: h.zero(ln, o, nbd.CMD_FLAG_FUA)),
+        ("zero FAST_ZERO", lambda ln, o: h.zero(ln, o, nbd.CMD_FLAG_FAST_ZERO)),
+        ("zero NO_HOLE|FAST_ZERO|FUA",
+         lambda ln, o: h.zero(ln, o, nbd.CMD_FLAG_NO_HOLE | nbd.CMD_FLAG_FAST_ZERO
+                              | nbd.CMD_FLAG_FUA)),
+    ]
+    for (label, op) in whole_ops:
+        def c_whole(op=op, label=label):
+            # [X + G, X + 2G + G/2): chunk 1 whole, half of chunk 2
+            # (FAST_ZERO: [X + G, X + 2G), chunk 1 alone)
+            fast = "FAST_ZERO" in label
+            reset(3)
+            d = rnd(3 * G)
+            h.pwrite(d, X)
+            # (FAST_ZERO must not zero part of the present chunk 2: only chunk 1)
+            ln = G if fast else G + G // 2
+            op(ln, X + G)
+            want = d[:G] + bytes(ln) + d[G + ln:]
+            expect_data(h.pread(3 * G, X), want, "after %s" % label)
+            ext_is(3 * G, X, [(G, 0), (G, 3), (G, 0)],
+                   "extents after %s" % label)
+            chunk_map([D, H, D], "after " + label)
+        R.check("sharded: %s covering a written chunk whole deletes it (hole), "
+                "neighbours stay data" % label, c_whole)
+
+    def c_fast_refused():
+        # --cached: each may succeed instead; then the chunks it covers whole are
+        # absent, the ones it zeroes in part keep data (present) unless left all
+        # zeroes on whole objects, and the data is written again for the next one.
+        reset(3)
+        d = rnd(3 * G)
+        h.pwrite(d, X)
+        for (ln, o, what) in [(G + G // 2, X, "chunk 0 whole + half of chunk 1"),
+                              (G + G // 2, X + G // 2, "half of chunk 0 + chunk 1 whole"),
+                              (100, X + 2 * G + 1000, "100 B inside chunk 2"),
+                              (3 * G - 1, X, "all but the last byte")]:
+            what = "FAST_ZERO of " + what
+            if cached and fast_zero_either(h, ln, o, nbd.CMD_FLAG_FAST_ZERO, X, d, what):
+                after = d[:o - X] + bytes(ln) + d[o - X + ln:]
+                layout = []
+                for i in range(3):
+                    lo, hi = X + i * G, X + (i + 1) * G
+                    if o <= lo and hi <= o + ln:
+                        layout.append((G, 3))       # covered whole: deleted
+                    elif (o < hi and o + ln > lo and whole_objects
+                          and not any(after[i * G:(i + 1) * G])):
+                        layout.append((G, 3))       # left all zeroes on whole objects
+                    else:
+                        layout.append((G, 0))
+                ext_is(3 * G, X, merged(layout), "extents after the successful (cached) "
+                       + what)
+                reset(3)
+                h.pwrite(d, X)
+                continue
+            if not cached:
+                expect_err(lambda: h.zero(ln, o, nbd.CMD_FLAG_FAST_ZERO), errno.ENOTSUP,
+                           what)
+                expect_data(h.pread(3 * G, X), d, "data after the refused " + what)
+            ext_is(3 * G, X, [(3 * G, 0)], "extents after the refused " + what)
+    R.check("sharded: FAST_ZERO over part of a present chunk -> ENOTSUP, nothing changed "
+            "(not even the whole chunks)" + (", or (cached) OK, zeros, data around intact"
+                                             if cached else ""), c_fast_refused)
+
+    def c_fast_absent():
+        # chunk 1 present, chunks 0 and 2 absent; FAST_ZERO over half of 0,
+        # all of 1, half of 2: only deletes and absent chunks -> OK
+        reset(3)
+        h.pwrite(rnd(G), X + G)
+        h.zero(100, X + 1000, nbd.CMD_FLAG_FAST_ZERO)
+        ext_is(3 * G, X, [(G, 3), (G, 0), (G, 3)],
+               "extents after FAST_ZERO inside an absent chunk")
+        h.zero(2 * G, X + G // 2, nbd.CMD_FLAG_FAST_ZERO)
+        ext_is(3 * G, X, [(3 * G, 3)],
+               "extents after FAST_ZERO over parts of absent chunks + a whole present one")
+        expect_zero(h.pread(3 * G, X), "after FAST_ZERO")
+        chunk_map([H, H, H], "after FAST_ZERO")
+    R.check("sharded: FAST_ZERO touching only absent chunks and whole present ones -> OK",
+            c_fast_absent)
+
+    def c_zero_absent():
+        # zeroing part of an absent chunk leaves it absent
+        reset(2)
+        h.zero(G // 4, X + G // 4)
+        h.trim(G // 4, X + G + G // 4)
+        h.zero(G // 4, X + G // 2, nbd.CMD_FLAG_NO_HOLE)
+        h.zero(G // 4, X + G + G // 2, nbd.CMD_FLAG_FAST_ZERO | nbd.CMD_FLAG_FUA)
+        ext_is(2 * G, X, [(2 * G, 3)], "extents")
+        chunk_map([H, H], "after zeroing parts of absent chunks")
+    R.check("sharded: trim/zero (NO_HOLE, FAST_ZERO) of part of an absent chunk leaves it "
+            "absent", c_zero_absent)
+
+    def c_middle():
+        reset(3)
+        d = rnd(3 * G)
+        h.pwrite(d, X)
+        h.trim(G, X + G)
+        ext_is(3 * G, X, [(G, 0), (G, 3), (G, 0)], "extents")
+        expect_data(h.pread(3 * G, X), d[:G] + bytes(G) + d[2 * G:])
+        h.pwrite(d[G:2 * G], X + G, nbd.CMD_FLAG_FUA)
+        ext_is(3 * G, X, [(3 * G, 0)], "extents after rewriting it")
+        expect_data(h.pread(3 * G, X), d, "after rewriting the middle chunk")
+        chunk_map([D, D, D], "after rewriting")
+    R.check("sharded: trim of the middle chunk, then rewrite it (FUA)", c_middle)
+
+
+def big_ops_checks(R, h, size, kind, cached):
     if size < 2 * GiB:
         R.skip("trim/zero 1 GiB", "export is %d bytes (< 2 GiB)" % size)
         return
@@ -802,8 +1494,17 @@ def big_ops_checks(R, h, size, kind):
             for o in outside:
                 expect_data(h.pread(4096, o), marks[o], "%s: 4 KiB at %d (outside)" % (label, o))
             if memory_like:
-                ext = block_status(h, GiB, GiB, nbd.CMD_FLAG_REQ_ONE)
+                ext = paged_status(h, GiB, GiB, [], cached, "block status at 1 GiB after "
+                                   + label, nbd.CMD_FLAG_REQ_ONE)
                 expect_eq(ext[0][1], 3, "block status flags at 1 GiB after " + label)
+            elif kind == "sharded":
+                # every chunk of [1 GiB, 2 GiB) was covered whole: all deleted
+                expect_extents(h, GiB, GiB, [(GiB, 3)],
+                               "block status of [1 GiB, 2 GiB) after " + label, cached)
+                for o in outside:
+                    expect_extents(h, 4096, o, [(4096, 0)],
+                                   "block status at %d (outside) after %s" % (o, label),
+                                   cached)
         return c
 
     R.check("zero 1 GiB @1G: reads zeros inside, data outside intact",
@@ -811,7 +1512,9 @@ def big_ops_checks(R, h, size, kind):
     R.check("trim 1 GiB @1G: reads zeros inside, data outside intact",
             run("trim", lambda: h.trim(GiB, GiB)))
     if kind != "file":
-        R.check("zero FAST_ZERO 1 GiB @1G (memory: OK)",
+        # (sharded: only whole chunks are deleted, so FAST_ZERO succeeds)
+        R.check("zero FAST_ZERO 1 GiB @1G (%s: OK)"
+                % ("whole chunks" if kind == "sharded" else "memory"),
                 run("zero FAST_ZERO", lambda: h.zero(GiB, GiB, nbd.CMD_FLAG_FAST_ZERO)))
 
 

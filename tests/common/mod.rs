@@ -27,8 +27,14 @@ impl Server {
     pub fn start(args: &[&str]) -> Server {
         let mut full = vec!["--listen", "127.0.0.1:0"];
         full.extend_from_slice(args);
+        Server::start_with_env(&full, &[])
+    }
+
+    /// Starts `nbd-rs ARGS...` with extra environment variables and waits until it listens.
+    pub fn start_with_env(full: &[&str], env: &[(String, String)]) -> Server {
         let mut child = Command::new(bin())
-            .args(&full)
+            .args(full)
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
@@ -234,4 +240,103 @@ pub fn run_script(interpreter: &str, script: &str, args: &[&str], timeout: Durat
         out.status
     );
     stdout
+}
+
+/// A real S3 server (`moto_server`, PyPI `moto[server]`) on a free loopback port, killed by PID
+/// when dropped. A missing `moto_server` fails the test: `scripts/test` installs it.
+pub struct Moto {
+    child: Option<Child>,
+    /// The port.
+    pub port: u16,
+}
+
+impl Moto {
+    /// Starts moto and waits until it answers.
+    pub fn start() -> Moto {
+        for _ in 0..5 {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .map(|a| a.port())
+                .unwrap();
+            let child = match Command::new("moto_server")
+                .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+            {
+                Ok(c) => c,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    panic!(
+                        "moto_server is not installed: run scripts/test (pip install 'moto[server]')"
+                    )
+                }
+                Err(e) => panic!("cannot start moto_server: {e}"),
+            };
+            let mut m = Moto {
+                child: Some(child),
+                port,
+            };
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while Instant::now() < deadline {
+                if m.http("GET", "/moto-api/")
+                    .is_some_and(|s| s.starts_with("HTTP/1.1 200"))
+                {
+                    return m;
+                }
+                if !matches!(m.child.as_mut().unwrap().try_wait(), Ok(None)) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        panic!("moto_server did not start");
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Creates a bucket.
+    pub fn create_bucket(&self, bucket: &str) {
+        let answer = self.http("PUT", &format!("/{bucket}")).unwrap_or_default();
+        assert!(
+            answer.starts_with("HTTP/1.1 200"),
+            "create bucket {bucket}: {answer}"
+        );
+    }
+
+    /// The server's PID (for SIGSTOP / SIGCONT).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// One plain HTTP request; the whole answer.
+    fn http(&self, method: &str, path: &str) -> Option<String> {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.port)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+        let req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            self.port
+        );
+        s.write_all(req.as_bytes()).ok()?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).ok()?;
+        Some(out)
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // A stopped server must be continued to die promptly.
+            let _ = Command::new("kill")
+                .args(["-CONT", &c.id().to_string()])
+                .status();
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
 }

@@ -143,6 +143,62 @@ impl FileImage {
         })
     }
 
+    /// Checks what [`FileImage::open`] would find, without creating or changing anything.
+    /// Returns the size the image has or would be created with.
+    pub fn check(path: &Path, create_size: Option<u64>, read_only: bool) -> Result<u64, OpenError> {
+        match std::fs::metadata(path) {
+            Ok(meta) => {
+                if !meta.file_type().is_file() {
+                    return Err(OpenError::NotAFile(path.to_owned()));
+                }
+                let size = meta.len();
+                if let Some(wanted) = create_size
+                    && wanted != size
+                {
+                    return Err(OpenError::SizeMismatch {
+                        path: path.to_owned(),
+                        actual: size,
+                        wanted,
+                    });
+                }
+                if size == 0 {
+                    return Err(OpenError::Empty(path.to_owned()));
+                }
+                OpenOptions::new()
+                    .read(true)
+                    .write(!read_only)
+                    .open(path)
+                    .map_err(|source| OpenError::Io {
+                        path: path.to_owned(),
+                        source,
+                    })?;
+                Ok(size)
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                let Some(size) = create_size.filter(|_| !read_only) else {
+                    return Err(OpenError::Missing(path.to_owned()));
+                };
+                let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
+                if let Some(dir) = parent
+                    && !dir.is_dir()
+                {
+                    return Err(OpenError::Io {
+                        path: path.to_owned(),
+                        source: io::Error::new(
+                            io::ErrorKind::NotFound,
+                            format!("directory {} does not exist", dir.display()),
+                        ),
+                    });
+                }
+                Ok(size)
+            }
+            Err(source) => Err(OpenError::Io {
+                path: path.to_owned(),
+                source,
+            }),
+        }
+    }
+
     /// The image's path.
     pub fn path(&self) -> &Path {
         &self.path

@@ -1,0 +1,1603 @@
+//! The `sharded` layout: a disk cut into fixed-size chunks, each an object (`{name}.{n}.chunk`).
+//!
+//! A volume named `vm1` is the object `vm1.volume`, its metadata, and the chunk objects
+//! `vm1.0.chunk`, `vm1.1.chunk`, ... Chunk `n` holds bytes `n * chunk_size ..` of the disk and
+//! is `chunk_size` bytes long, except the last when the disk size is not a multiple of the chunk
+//! size: that one holds only what is left (so any size is accepted and nothing past the end of
+//! the disk is ever stored). A chunk that does not exist reads as zeroes.
+//!
+//! The metadata is TOML, written once (durably) when the volume is created:
+//!
+//! ```toml
+//! format = 1
+//! size = 1073741824
+//! chunk_size = 4194304
+//! id = "0e0a1c5e-2a3b-4c6d-8e9f-0a1b2c3d4e5f"
+//! ```
+//!
+//! Opening a volume lists `{name}.` once and keeps the set of present chunks in memory: this
+//! pipeline is the only writer of the volume, so the set stays exact and reads of absent chunks,
+//! block status and zeroing of absent ranges never reach the store.
+//!
+//! Writes go through `put_range` when the store supports it (local stores write in place);
+//! otherwise each touched chunk is read, modified and written back whole under a per-chunk
+//! lock, so that concurrent writes to different parts of one chunk never undo each other.
+//! TRIM and WRITE_ZEROES delete the chunks they cover whole and zero the partial pieces of
+//! present chunks; NO_HOLE is ignored, as an object store has no allocation to keep.
+
+use std::collections::BTreeSet;
+use std::io;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt, stream};
+use serde::{Deserialize, Serialize};
+use tokio::sync::RwLock;
+
+use crate::block::{
+    BlockDevice, BlockError, BlockSizes, DeviceInfo, Extent, ReadChunk, ReadData, STATE_HOLE,
+    STATE_ZERO, ZeroFlags,
+};
+use crate::store::{ObjectStore, StoreError, check_key};
+
+/// The default chunk size: 4 MiB.
+pub const DEFAULT_CHUNK_SIZE: u64 = 4 << 20;
+/// The smallest chunk size: 4 KiB.
+pub const MIN_CHUNK_SIZE: u64 = 4 << 10;
+/// The largest chunk size: 1 GiB.
+pub const MAX_CHUNK_SIZE: u64 = 1 << 30;
+/// The largest volume: what a TOML integer holds.
+const MAX_SIZE: u64 = i64::MAX as u64;
+/// The metadata format this code reads and writes.
+const FORMAT: i64 = 1;
+/// Per-chunk locks, shared by chunks `n`, `n + STRIPES`, ...
+const STRIPES: usize = 256;
+/// Store calls one request runs at once.
+const PARALLEL: usize = 64;
+/// Block status examines at most this many present chunks per call; clients ask again for the
+/// rest. Absent chunks cost nothing, so the work per call is bounded whatever the volume size.
+const STATUS_MAX_CHUNKS: usize = 4096;
+
+/// How to open a volume.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardedOptions {
+    /// The volume's name: the prefix of its object keys.
+    pub name: String,
+    /// Bytes per chunk: a power of two from 4 KiB to 1 GiB. If given, it must match the
+    /// volume's; if not, an existing volume's is used and a new one gets 4 MiB.
+    pub chunk_size: Option<u64>,
+    /// Create the volume with this size if it does not exist; if it does, its size must match.
+    pub size: Option<u64>,
+    /// Refuse writes, trims and zeroing.
+    pub read_only: bool,
+    /// False for a dry run: check everything but never create or change anything (the volume
+    /// returned is read-only, and reads as zeroes if it does not exist yet).
+    pub create: bool,
+}
+
+impl ShardedOptions {
+    /// Options for the volume `name`: 4 MiB chunks, no size, writable, created if missing.
+    pub fn new(name: impl Into<String>) -> Self {
+        ShardedOptions {
+            name: name.into(),
+            chunk_size: None,
+            size: None,
+            read_only: false,
+            create: true,
+        }
+    }
+}
+
+/// Why a volume could not be opened. Each message names the volume and, where one is involved,
+/// the object.
+#[derive(Debug, thiserror::Error)]
+pub enum ShardedError {
+    /// The name cannot be the prefix of object keys.
+    #[error(
+        "invalid volume name {0:?}: it must be printable ASCII without a leading or trailing \
+         '/', empty, '.' or '..' components, and at most 997 bytes"
+    )]
+    BadName(String),
+    /// The chunk size is out of bounds.
+    #[error(
+        "volume \"{name}\": chunk size {chunk_size} is not a power of two from 4096 to 1073741824"
+    )]
+    BadChunkSize {
+        /// The volume.
+        name: String,
+        /// The chunk size asked for.
+        chunk_size: u64,
+    },
+    /// The size is out of bounds.
+    #[error("volume \"{name}\": size {size} is not between 1 and 9223372036854775807 bytes")]
+    BadSize {
+        /// The volume.
+        name: String,
+        /// The size asked for.
+        size: u64,
+    },
+    /// The volume does not exist and no size was given.
+    #[error("volume \"{name}\" does not exist (no object {key}); give a size to create it")]
+    Missing {
+        /// The volume.
+        name: String,
+        /// Its metadata object.
+        key: String,
+    },
+    /// The volume does not exist and the export is read-only.
+    #[error(
+        "volume \"{name}\" does not exist (no object {key}), and a read-only export does not create it"
+    )]
+    MissingReadOnly {
+        /// The volume.
+        name: String,
+        /// Its metadata object.
+        key: String,
+    },
+    /// The volume exists with another size than the one asked for.
+    #[error(
+        "volume \"{name}\" was created with size {recorded} bytes, but size {wanted} was asked for \
+         (recorded in {key})"
+    )]
+    SizeMismatch {
+        /// The volume.
+        name: String,
+        /// Its metadata object.
+        key: String,
+        /// The size it has.
+        recorded: u64,
+        /// The size asked for.
+        wanted: u64,
+    },
+    /// The volume exists with another chunk size than the one asked for.
+    #[error(
+        "volume \"{name}\" was created with chunk size {recorded} bytes, but chunk size {wanted} \
+         was asked for (recorded in {key})"
+    )]
+    ChunkSizeMismatch {
+        /// The volume.
+        name: String,
+        /// Its metadata object.
+        key: String,
+        /// The chunk size it has.
+        recorded: u64,
+        /// The chunk size asked for.
+        wanted: u64,
+    },
+    /// The metadata object cannot be understood.
+    #[error("volume \"{name}\": {key} is not valid volume metadata: {reason}")]
+    BadMetadata {
+        /// The volume.
+        name: String,
+        /// Its metadata object.
+        key: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The metadata is of a format this version does not know.
+    #[error("volume \"{name}\": {key} has format {format}, but this version reads only format 1")]
+    UnsupportedFormat {
+        /// The volume.
+        name: String,
+        /// Its metadata object.
+        key: String,
+        /// The format found.
+        format: i64,
+    },
+    /// Chunks exist without metadata: creating a volume would adopt them as its content.
+    #[error(
+        "volume \"{name}\" has no {key}, but {count} chunk objects such as {example} exist; \
+         refusing to create a volume over them (restore {key} or delete them)"
+    )]
+    Orphans {
+        /// The volume.
+        name: String,
+        /// Its metadata object.
+        key: String,
+        /// How many chunks were found.
+        count: usize,
+        /// One of them.
+        example: String,
+    },
+    /// The store failed.
+    #[error("volume \"{name}\": {source}")]
+    Store {
+        /// The volume.
+        name: String,
+        /// What the store said.
+        #[source]
+        source: StoreError,
+    },
+}
+
+/// The metadata object's content.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Metadata {
+    format: i64,
+    size: u64,
+    chunk_size: u64,
+    id: String,
+}
+
+/// A disk made of chunk objects in a store.
+pub struct ShardedVolume {
+    info: DeviceInfo,
+    store: Arc<dyn ObjectStore>,
+    name: String,
+    id: String,
+    chunk_size: u64,
+    put_range: bool,
+    /// The chunks that exist in the store.
+    present: Mutex<BTreeSet<u64>>,
+    /// Per-chunk locks: shared for `put_range` writes (the store keeps non-overlapping ranges
+    /// apart), exclusive for read-modify-write and deletion.
+    locks: Box<[RwLock<()>]>,
+}
+
+impl std::fmt::Debug for ShardedVolume {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShardedVolume")
+            .field("name", &self.name)
+            .field("id", &self.id)
+            .field("size", &self.info.size)
+            .field("chunk_size", &self.chunk_size)
+            .field("store", &self.store)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One chunk's share of a byte range.
+#[derive(Debug, Clone, Copy)]
+struct Piece {
+    /// The chunk.
+    chunk: u64,
+    /// Where the piece starts in the chunk.
+    start: u64,
+    /// Its length.
+    len: u64,
+    /// Where it starts in the request.
+    pos: u64,
+}
+
+/// What zeroing does to one chunk.
+#[derive(Debug, Clone, Copy)]
+enum ZeroJob {
+    /// Covered whole: delete it.
+    Delete(u64),
+    /// Covered in part: zero that part.
+    Partial(Piece),
+}
+
+/// Parses a chunk key's index: `{name}.{n}.chunk` with `n` in canonical decimal.
+fn chunk_index(prefix: &str, key: &str) -> Option<u64> {
+    let n = key.strip_prefix(prefix)?.strip_suffix(".chunk")?;
+    let canonical =
+        !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) && (n == "0" || !n.starts_with('0'));
+    if canonical { n.parse().ok() } else { None }
+}
+
+fn valid_chunk_size(c: u64) -> bool {
+    c.is_power_of_two() && (MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&c)
+}
+
+fn valid_size(s: u64) -> bool {
+    (1..=MAX_SIZE).contains(&s)
+}
+
+impl ShardedVolume {
+    /// Opens the volume `opts.name` in `store`, creating it when it is missing and a size is
+    /// given (unless `opts.create` is false or the volume is read-only).
+    pub async fn open(
+        store: Arc<dyn ObjectStore>,
+        opts: ShardedOptions,
+    ) -> Result<ShardedVolume, ShardedError> {
+        let name = opts.name;
+        // The longest key the volume can have must be valid: this checks the name.
+        if check_key(&name).is_err() || check_key(&format!("{name}.{}.chunk", u64::MAX)).is_err() {
+            return Err(ShardedError::BadName(name));
+        }
+        if let Some(c) = opts.chunk_size
+            && !valid_chunk_size(c)
+        {
+            return Err(ShardedError::BadChunkSize {
+                name,
+                chunk_size: c,
+            });
+        }
+        if let Some(size) = opts.size
+            && !valid_size(size)
+        {
+            return Err(ShardedError::BadSize { name, size });
+        }
+        let key = format!("{name}.volume");
+        let prefix = format!("{name}.");
+        let store_err = |source| ShardedError::Store {
+            name: name.clone(),
+            source,
+        };
+        let meta = store.get(&key, None).await.map_err(store_err)?;
+        let listed = store.list(&prefix).await.map_err(store_err)?;
+        let mut chunks: Vec<(u64, String)> = listed
+            .into_iter()
+            .filter_map(|k| chunk_index(&prefix, &k).map(|n| (n, k)))
+            .collect();
+
+        let (size, id, chunk_size) = match meta {
+            Some(raw) => {
+                let m = parse_metadata(&name, &key, &raw)?;
+                if let Some(wanted) = opts.chunk_size
+                    && m.chunk_size != wanted
+                {
+                    return Err(ShardedError::ChunkSizeMismatch {
+                        name,
+                        key,
+                        recorded: m.chunk_size,
+                        wanted,
+                    });
+                }
+                if let Some(wanted) = opts.size
+                    && wanted != m.size
+                {
+                    return Err(ShardedError::SizeMismatch {
+                        name,
+                        key,
+                        recorded: m.size,
+                        wanted,
+                    });
+                }
+                (m.size, m.id, m.chunk_size)
+            }
+            None => {
+                let chunk_size = opts.chunk_size.unwrap_or(DEFAULT_CHUNK_SIZE);
+                let Some(size) = opts.size else {
+                    return Err(ShardedError::Missing { name, key });
+                };
+                if opts.read_only {
+                    return Err(ShardedError::MissingReadOnly { name, key });
+                }
+                if let Some((_, example)) = chunks.first() {
+                    return Err(ShardedError::Orphans {
+                        name,
+                        key,
+                        count: chunks.len(),
+                        example: example.clone(),
+                    });
+                }
+                if opts.create {
+                    let id = uuid::Uuid::new_v4().to_string();
+                    let m = Metadata {
+                        format: FORMAT,
+                        size,
+                        chunk_size,
+                        id,
+                    };
+                    let text = toml::to_string(&m).map_err(|e| ShardedError::BadMetadata {
+                        name: name.clone(),
+                        key: key.clone(),
+                        reason: e.to_string(),
+                    })?;
+                    store
+                        .put(&key, Bytes::from(text), true)
+                        .await
+                        .map_err(store_err)?;
+                    tracing::info!(
+                        volume = %name,
+                        size,
+                        chunk_size,
+                        id = %m.id,
+                        "created sharded volume"
+                    );
+                    (size, m.id, chunk_size)
+                } else {
+                    // Dry run: the volume would be created; nothing is.
+                    (size, String::new(), chunk_size)
+                }
+            }
+        };
+
+        let count = size.div_ceil(chunk_size);
+        chunks.retain(|(n, k)| {
+            if *n >= count {
+                tracing::warn!(volume = %name, key = %k, "ignoring chunk beyond the volume's end");
+            }
+            *n < count
+        });
+        Ok(ShardedVolume {
+            info: DeviceInfo {
+                size,
+                read_only: opts.read_only || !opts.create,
+                can_trim: true,
+                can_fast_zero: true,
+                multi_conn: true,
+                rotational: false,
+                block_sizes: BlockSizes::default(),
+            },
+            put_range: store.supports_put_range(),
+            store,
+            name,
+            id,
+            chunk_size,
+            present: Mutex::new(chunks.into_iter().map(|(n, _)| n).collect()),
+            locks: (0..STRIPES).map(|_| RwLock::new(())).collect(),
+        })
+    }
+
+    /// The volume's unique id (a UUID), recorded when it was created. Empty in a dry run of a
+    /// volume that does not exist yet.
+    pub fn volume_id(&self) -> &str {
+        &self.id
+    }
+
+    /// Bytes per chunk.
+    pub fn chunk_size(&self) -> u64 {
+        self.chunk_size
+    }
+
+    fn key(&self, chunk: u64) -> String {
+        format!("{}.{chunk}.chunk", self.name)
+    }
+
+    /// Length of chunk `n`: the chunk size, or what is left for the last chunk.
+    fn chunk_len(&self, n: u64) -> u64 {
+        self.chunk_size.min(self.info.size - n * self.chunk_size)
+    }
+
+    fn present(&self) -> MutexGuard<'_, BTreeSet<u64>> {
+        // A poisoned lock means a panic during a set operation; the set is still sound.
+        self.present.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn is_present(&self, n: u64) -> bool {
+        self.present().contains(&n)
+    }
+
+    fn lock(&self, n: u64) -> &RwLock<()> {
+        // The modulo keeps the index below STRIPES.
+        &self.locks[(n % STRIPES as u64) as usize]
+    }
+
+    /// The chunks' shares of `offset..offset + len`, in order.
+    fn pieces(&self, offset: u64, len: u64) -> impl Iterator<Item = Piece> + use<> {
+        let cs = self.chunk_size;
+        let end = offset + len;
+        let mut at = offset;
+        std::iter::from_fn(move || {
+            if at >= end {
+                return None;
+            }
+            let chunk = at / cs;
+            let start = at % cs;
+            let len = (cs - start).min(end - at);
+            let piece = Piece {
+                chunk,
+                start,
+                len,
+                pos: at - offset,
+            };
+            at += len;
+            Some(piece)
+        })
+    }
+
+    async fn read_piece(&self, p: Piece) -> Result<ReadChunk, BlockError> {
+        // A piece is at most one request long, which fits in u32.
+        let zero = ReadChunk::Zero(p.len as u32);
+        if !self.is_present(p.chunk) {
+            return Ok(zero);
+        }
+        let key = self.key(p.chunk);
+        match self.store.get(&key, Some(p.start..p.start + p.len)).await? {
+            Some(b) if b.len() as u64 == p.len => Ok(ReadChunk::Data(b)),
+            Some(b) => Err(BlockError::io(
+                "read",
+                p.chunk * self.chunk_size + p.start,
+                io::Error::other(format!(
+                    "store returned {} bytes of {key} for a {}-byte range",
+                    b.len(),
+                    p.len
+                )),
+            )),
+            // Deleted by a concurrent trim.
+            None => Ok(zero),
+        }
+    }
+
+    /// The whole chunk, zero-filled if absent, as a buffer to modify.
+    async fn load(&self, n: u64, key: &str) -> Result<Vec<u8>, StoreError> {
+        // Chunk lengths are at most 1 GiB and fit in usize.
+        let len = self.chunk_len(n) as usize;
+        if !self.is_present(n) {
+            return Ok(vec![0; len]);
+        }
+        let Some(bytes) = self.store.get(key, None).await? else {
+            return Ok(vec![0; len]);
+        };
+        let mut buf = Vec::from(bytes);
+        if buf.len() != len {
+            tracing::warn!(
+                volume = %self.name,
+                key,
+                found = buf.len(),
+                expected = len,
+                "chunk has the wrong length; treating the missing part as zeroes"
+            );
+            buf.resize(len, 0);
+        }
+        Ok(buf)
+    }
+
+    async fn write_piece(&self, p: Piece, data: Bytes, sync: bool) -> Result<(), StoreError> {
+        let key = self.key(p.chunk);
+        let chunk_len = self.chunk_len(p.chunk);
+        // A chunk of zeroes is a deleted chunk: never stored, never uploaded.
+        if p.len == chunk_len && is_zero(&data) {
+            let _exclusive = self.lock(p.chunk).write().await;
+            if self.is_present(p.chunk) {
+                self.store.delete(&key, sync).await?;
+                self.present().remove(&p.chunk);
+            }
+            return Ok(());
+        }
+        if self.put_range {
+            let _shared = self.lock(p.chunk).read().await;
+            self.store
+                .put_range(&key, p.start, data, chunk_len, sync)
+                .await?;
+            self.present().insert(p.chunk);
+            return Ok(());
+        }
+        let _exclusive = self.lock(p.chunk).write().await;
+        let whole = if p.len == chunk_len {
+            data
+        } else {
+            let mut buf = self.load(p.chunk, &key).await?;
+            // Within the chunk, so within usize.
+            let start = p.start as usize;
+            buf[start..start + data.len()].copy_from_slice(&data);
+            if is_zero(&buf) {
+                if self.is_present(p.chunk) {
+                    self.store.delete(&key, sync).await?;
+                    self.present().remove(&p.chunk);
+                }
+                return Ok(());
+            }
+            Bytes::from(buf)
+        };
+        self.store.put(&key, whole, sync).await?;
+        self.present().insert(p.chunk);
+        Ok(())
+    }
+
+    async fn zero_job(&self, job: ZeroJob, sync: bool) -> Result<(), StoreError> {
+        match job {
+            ZeroJob::Delete(n) => {
+                let _exclusive = self.lock(n).write().await;
+                if self.is_present(n) {
+                    self.store.delete(&self.key(n), sync).await?;
+                    self.present().remove(&n);
+                }
+            }
+            ZeroJob::Partial(p) if self.put_range => {
+                let _shared = self.lock(p.chunk).read().await;
+                // An absent chunk already reads as zeroes.
+                if self.is_present(p.chunk) {
+                    // Pieces are at most a chunk, at most 1 GiB: fits in usize.
+                    let zeroes = Bytes::from(vec![0u8; p.len as usize]);
+                    let key = self.key(p.chunk);
+                    let chunk_len = self.chunk_len(p.chunk);
+                    self.store
+                        .put_range(&key, p.start, zeroes, chunk_len, sync)
+                        .await?;
+                }
+            }
+            ZeroJob::Partial(p) => {
+                let _exclusive = self.lock(p.chunk).write().await;
+                if self.is_present(p.chunk) {
+                    let key = self.key(p.chunk);
+                    let mut buf = self.load(p.chunk, &key).await?;
+                    let start = p.start as usize;
+                    buf[start..start + p.len as usize].fill(0);
+                    if buf.iter().all(|&b| b == 0) {
+                        self.store.delete(&key, sync).await?;
+                        self.present().remove(&p.chunk);
+                    } else {
+                        self.store.put(&key, Bytes::from(buf), sync).await?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes `offset..offset + len` read as zeroes. With `fast`, fails without changing
+    /// anything unless that only means deleting chunks or leaving absent ones alone.
+    async fn zero(&self, offset: u64, len: u64, sync: bool, fast: bool) -> Result<(), BlockError> {
+        if self.info.read_only {
+            return Err(BlockError::ReadOnly);
+        }
+        if len == 0 {
+            return Ok(());
+        }
+        let cs = self.chunk_size;
+        let end = offset + len;
+        let first = offset / cs;
+        let last = (end - 1) / cs;
+        let whole = |n: u64| offset <= n * cs && end >= n * cs + self.chunk_len(n);
+
+        let mut partial: Vec<Piece> = Vec::new();
+        if !whole(first) {
+            partial.extend(self.pieces(offset, len).next());
+        }
+        if last != first && !whole(last) {
+            let start = last * cs;
+            partial.push(Piece {
+                chunk: last,
+                start: 0,
+                len: end - start,
+                pos: start - offset,
+            });
+        }
+        let lo = if whole(first) { first } else { first + 1 };
+        let hi = if whole(last) { last + 1 } else { last };
+        let doomed: Vec<u64> = if lo < hi {
+            self.present().range(lo..hi).copied().collect()
+        } else {
+            Vec::new()
+        };
+        if fast && partial.iter().any(|p| self.is_present(p.chunk)) {
+            return Err(BlockError::FastZeroUnsupported);
+        }
+        let jobs = doomed
+            .into_iter()
+            .map(ZeroJob::Delete)
+            .chain(partial.into_iter().map(ZeroJob::Partial));
+        stream::iter(jobs)
+            .map(|job| self.zero_job(job, sync))
+            .buffer_unordered(PARALLEL)
+            .try_collect::<Vec<()>>()
+            .await?;
+        Ok(())
+    }
+
+    fn block_status_sync(&self, offset: u64, len: u64) -> Vec<Extent> {
+        let cs = self.chunk_size;
+        let end = offset + len;
+        let mut extents: Vec<Extent> = Vec::new();
+        let mut push = |length: u64, flags: u32| {
+            if length == 0 {
+                return;
+            }
+            match extents.last_mut() {
+                Some(e) if e.flags == flags => e.length += length,
+                _ => extents.push(Extent { length, flags }),
+            }
+        };
+        let mut at = offset;
+        let present = self.present();
+        for (examined, &n) in present.range(offset / cs..end.div_ceil(cs)).enumerate() {
+            if examined == STATUS_MAX_CHUNKS {
+                // Described up to `at`: enough for one call.
+                return extents;
+            }
+            let start = (n * cs).max(offset);
+            let stop = (n * cs + self.chunk_len(n)).min(end);
+            push(start - at, STATE_HOLE | STATE_ZERO);
+            push(stop - start, 0);
+            at = stop;
+        }
+        drop(present);
+        push(end - at, STATE_HOLE | STATE_ZERO);
+        extents
+    }
+}
+
+/// True if every byte is zero. Checks 64 bytes at a time, which the compiler vectorises, and
+/// stops at the first block with data (so data costs almost nothing to check).
+fn is_zero(data: &[u8]) -> bool {
+    let mut blocks = data.chunks_exact(64);
+    let whole = blocks
+        .by_ref()
+        .all(|b| b.iter().fold(0u8, |acc, &x| acc | x) == 0);
+    whole && blocks.remainder().iter().all(|&x| x == 0)
+}
+
+fn parse_metadata(name: &str, key: &str, raw: &[u8]) -> Result<Metadata, ShardedError> {
+    let bad = |reason: String| ShardedError::BadMetadata {
+        name: name.to_owned(),
+        key: key.to_owned(),
+        reason,
+    };
+    let text = std::str::from_utf8(raw).map_err(|e| bad(format!("not UTF-8 ({e})")))?;
+    // The format first, so that a newer format is reported as such, not as odd fields.
+    let table: toml::Table = toml::from_str(text).map_err(|e| bad(e.message().to_owned()))?;
+    match table.get("format") {
+        Some(toml::Value::Integer(FORMAT)) => {}
+        Some(toml::Value::Integer(format)) => {
+            return Err(ShardedError::UnsupportedFormat {
+                name: name.to_owned(),
+                key: key.to_owned(),
+                format: *format,
+            });
+        }
+        _ => return Err(bad("no integer `format`".to_owned())),
+    }
+    let m: Metadata = toml::from_str(text).map_err(|e| bad(e.message().to_owned()))?;
+    if !valid_size(m.size) {
+        return Err(bad(format!("size {} is out of range", m.size)));
+    }
+    if !valid_chunk_size(m.chunk_size) {
+        return Err(bad(format!("chunk size {} is out of range", m.chunk_size)));
+    }
+    if uuid::Uuid::parse_str(&m.id).is_err() {
+        return Err(bad(format!("id {:?} is not a UUID", m.id)));
+    }
+    Ok(m)
+}
+
+#[async_trait]
+impl BlockDevice for ShardedVolume {
+    fn info(&self) -> &DeviceInfo {
+        &self.info
+    }
+
+    async fn read(&self, offset: u64, len: u32) -> Result<ReadData, BlockError> {
+        let pieces: Vec<ReadChunk> = stream::iter(self.pieces(offset, u64::from(len)))
+            .map(|p| self.read_piece(p))
+            .buffered(PARALLEL)
+            .try_collect()
+            .await?;
+        let mut out = ReadData::default();
+        for p in pieces {
+            out.push(p);
+        }
+        Ok(out)
+    }
+
+    async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), BlockError> {
+        if self.info.read_only {
+            return Err(BlockError::ReadOnly);
+        }
+        stream::iter(self.pieces(offset, data.len() as u64))
+            .map(|p| {
+                // Within the request, so within usize.
+                let (from, to) = (p.pos as usize, (p.pos + p.len) as usize);
+                self.write_piece(p, data.slice(from..to), fua)
+            })
+            .buffer_unordered(PARALLEL)
+            .try_collect::<Vec<()>>()
+            .await?;
+        Ok(())
+    }
+
+    async fn flush(&self) -> Result<(), BlockError> {
+        if self.info.read_only {
+            return Ok(());
+        }
+        Ok(self.store.flush().await?)
+    }
+
+    async fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<(), BlockError> {
+        self.zero(offset, len, fua, false).await
+    }
+
+    async fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        flags: ZeroFlags,
+    ) -> Result<(), BlockError> {
+        self.zero(offset, len, flags.fua, flags.fast).await
+    }
+
+    async fn cache(&self, _offset: u64, _len: u64) -> Result<(), BlockError> {
+        Ok(())
+    }
+
+    async fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>, BlockError> {
+        Ok(self.block_status_sync(offset, len))
+    }
+
+    async fn close(&self) -> Result<(), BlockError> {
+        self.flush().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::{Duration, Instant};
+
+    use super::*;
+    use crate::store::file::FileStore;
+    use crate::store::memory::MemoryStore;
+
+    const KIB: u64 = 1024;
+    const CS: u64 = 64 * KIB;
+
+    /// A store over another that counts calls, yields before each (to let races happen) and
+    /// can pretend not to support `put_range`, like S3.
+    #[derive(Debug)]
+    struct TestStore {
+        inner: Arc<dyn ObjectStore>,
+        put_range: bool,
+        gets: AtomicUsize,
+        changes: AtomicUsize,
+    }
+
+    impl TestStore {
+        fn new(inner: Arc<dyn ObjectStore>, put_range: bool) -> Arc<Self> {
+            Arc::new(TestStore {
+                inner,
+                put_range,
+                gets: AtomicUsize::new(0),
+                changes: AtomicUsize::new(0),
+            })
+        }
+
+        fn whole_objects() -> Arc<Self> {
+            Self::new(Arc::new(MemoryStore::new()), false)
+        }
+    }
+
+    #[async_trait]
+    impl ObjectStore for TestStore {
+        async fn get(
+            &self,
+            key: &str,
+            range: Option<std::ops::Range<u64>>,
+        ) -> Result<Option<Bytes>, StoreError> {
+            self.gets.fetch_add(1, Ordering::SeqCst);
+            tokio::task::yield_now().await;
+            self.inner.get(key, range).await
+        }
+
+        async fn put(&self, key: &str, data: Bytes, sync: bool) -> Result<(), StoreError> {
+            self.changes.fetch_add(1, Ordering::SeqCst);
+            tokio::task::yield_now().await;
+            self.inner.put(key, data, sync).await
+        }
+
+        fn supports_put_range(&self) -> bool {
+            self.put_range
+        }
+
+        async fn put_range(
+            &self,
+            key: &str,
+            offset: u64,
+            data: Bytes,
+            size: u64,
+            sync: bool,
+        ) -> Result<(), StoreError> {
+            if !self.put_range {
+                return Err(StoreError::Remote {
+                    op: "put_range",
+                    key: key.to_owned(),
+                    message: "not supported".to_owned(),
+                    transient: false,
+                });
+            }
+            self.changes.fetch_add(1, Ordering::SeqCst);
+            tokio::task::yield_now().await;
+            self.inner.put_range(key, offset, data, size, sync).await
+        }
+
+        async fn delete(&self, key: &str, sync: bool) -> Result<(), StoreError> {
+            self.changes.fetch_add(1, Ordering::SeqCst);
+            self.inner.delete(key, sync).await
+        }
+
+        async fn head(&self, key: &str) -> Result<Option<u64>, StoreError> {
+            self.inner.head(key).await
+        }
+
+        async fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+            self.inner.list(prefix).await
+        }
+
+        async fn flush(&self) -> Result<(), StoreError> {
+            self.inner.flush().await
+        }
+    }
+
+    struct TempDir(std::path::PathBuf);
+
+    impl TempDir {
+        fn new(name: &str) -> Self {
+            TempDir(std::env::temp_dir().join(format!(
+                "nbd-rs-sharded-{name}-{}-{}",
+                std::process::id(),
+                uuid::Uuid::new_v4().simple()
+            )))
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn opts(name: &str, size: Option<u64>) -> ShardedOptions {
+        ShardedOptions {
+            chunk_size: Some(CS),
+            size,
+            ..ShardedOptions::new(name)
+        }
+    }
+
+    async fn open(store: &Arc<dyn ObjectStore>, o: ShardedOptions) -> ShardedVolume {
+        ShardedVolume::open(Arc::clone(store), o).await.unwrap()
+    }
+
+    async fn open_err(store: &Arc<dyn ObjectStore>, o: ShardedOptions) -> String {
+        ShardedVolume::open(Arc::clone(store), o)
+            .await
+            .unwrap_err()
+            .to_string()
+    }
+
+    fn pattern(len: u64, seed: u8) -> Bytes {
+        (0..len)
+            .map(|i| (i % 251) as u8 ^ seed | 1)
+            .collect::<Vec<u8>>()
+            .into()
+    }
+
+    async fn read(v: &ShardedVolume, offset: u64, len: u64) -> Vec<u8> {
+        v.read(offset, len as u32)
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec()
+    }
+
+    async fn keys(store: &Arc<dyn ObjectStore>) -> Vec<String> {
+        let mut k = store.list("").await.unwrap();
+        k.sort();
+        k
+    }
+
+    fn status(v: &ShardedVolume, offset: u64, len: u64) -> Vec<(u64, u32)> {
+        v.block_status_sync(offset, len)
+            .into_iter()
+            .map(|e| (e.length, e.flags))
+            .collect()
+    }
+
+    const HOLE: u32 = STATE_HOLE | STATE_ZERO;
+
+    /// The block-device behaviour of a volume, on any store. The volume is ten 64 KiB chunks
+    /// and a short 12 KiB one.
+    async fn device_behaviour(store: Arc<dyn ObjectStore>) {
+        let size = 10 * CS + 12 * KIB;
+        let v = open(&store, opts("disk", Some(size))).await;
+        assert_eq!(v.info().size, size);
+        assert!(v.info().multi_conn && v.info().can_trim && v.info().can_fast_zero);
+        assert!(!v.info().read_only);
+        assert_eq!(keys(&store).await, ["disk.volume"]);
+
+        // Nothing written: everything is a hole, and reading creates nothing.
+        let r = v.read(0, size as u32).await.unwrap();
+        assert_eq!(r.chunks(), &[ReadChunk::Zero(size as u32)]);
+        assert_eq!(status(&v, 0, size), [(size, HOLE)]);
+        assert_eq!(keys(&store).await, ["disk.volume"]);
+
+        // Round trip across chunk boundaries: chunks 0, 1 and 2.
+        let data = pattern(100 * KIB, 7);
+        v.write(60 * KIB, data.clone(), false).await.unwrap();
+        assert_eq!(read(&v, 60 * KIB, 100 * KIB).await, data);
+        let around = read(&v, 0, 4 * CS).await;
+        assert!(around[..60 * KIB as usize].iter().all(|&b| b == 0));
+        assert_eq!(&around[60 * KIB as usize..160 * KIB as usize], &data[..]);
+        assert!(around[160 * KIB as usize..].iter().all(|&b| b == 0));
+        assert_eq!(
+            keys(&store).await,
+            [
+                "disk.0.chunk",
+                "disk.1.chunk",
+                "disk.2.chunk",
+                "disk.volume"
+            ]
+        );
+        for n in 0..3 {
+            assert_eq!(
+                store.head(&format!("disk.{n}.chunk")).await.unwrap(),
+                Some(CS)
+            );
+        }
+        assert_eq!(status(&v, 0, size), [(3 * CS, 0), (size - 3 * CS, HOLE)]);
+        assert_eq!(status(&v, CS + 5, 10), [(10, 0)]);
+        assert_eq!(
+            status(&v, 2 * CS + 5, 2 * CS),
+            [(CS - 5, 0), (CS + 5, HOLE)]
+        );
+
+        // The short last chunk holds only what is left of the disk.
+        let tail = pattern(12 * KIB, 3);
+        v.write(10 * CS, tail.clone(), true).await.unwrap();
+        assert_eq!(store.head("disk.10.chunk").await.unwrap(), Some(12 * KIB));
+        assert_eq!(read(&v, 10 * CS, 12 * KIB).await, tail);
+        v.write(size - 1, Bytes::from_static(b"!"), false)
+            .await
+            .unwrap();
+        assert_eq!(read(&v, size - 2, 2).await, [tail[12 * 1024 - 2], b'!']);
+
+        // A read mixes data and holes.
+        let r = v.read(2 * CS, 2 * CS as u32).await.unwrap();
+        assert!(
+            matches!(r.chunks(), [ReadChunk::Data(_), ReadChunk::Zero(z)] if u64::from(*z) == CS)
+        );
+
+        // Trimming a whole chunk deletes its object; partial pieces are zeroed, rest kept.
+        v.trim(CS - 10, CS + 20, false).await.unwrap();
+        assert_eq!(store.head("disk.1.chunk").await.unwrap(), None);
+        assert!(store.head("disk.0.chunk").await.unwrap().is_some());
+        let got = read(&v, 60 * KIB, 100 * KIB).await;
+        let cut = (CS - 60 * KIB) as usize;
+        assert_eq!(&got[..cut - 10], &data[..cut - 10]);
+        assert!(
+            got[cut - 10..cut + CS as usize + 10]
+                .iter()
+                .all(|&b| b == 0)
+        );
+        assert_eq!(
+            &got[cut + CS as usize + 10..],
+            &data[cut + CS as usize + 10..]
+        );
+        assert_eq!(status(&v, 0, 3 * CS), [(CS, 0), (CS, HOLE), (CS, 0)]);
+
+        // WRITE_ZEROES inside one chunk keeps the rest of it and the object.
+        v.write_zeroes(2 * CS + 100, 200, ZeroFlags::default())
+            .await
+            .unwrap();
+        let got = read(&v, 2 * CS, CS).await;
+        // (The first 10 bytes were trimmed above.)
+        assert!(got[..10].iter().all(|&b| b == 0));
+        assert!(got[100..300].iter().all(|&b| b == 0));
+        let off = (2 * CS - 60 * KIB) as usize;
+        assert_eq!(&got[10..100], &data[off + 10..off + 100]);
+        assert_eq!(&got[300..1024], &data[off + 300..off + 1024]);
+        assert!(store.head("disk.2.chunk").await.unwrap().is_some());
+
+        // Zeroing part of an absent chunk creates nothing.
+        let before = keys(&store).await;
+        v.write_zeroes(5 * CS + 1, 100, ZeroFlags::default())
+            .await
+            .unwrap();
+        v.trim(6 * CS + 1, 2 * CS - 2, true).await.unwrap();
+        assert_eq!(keys(&store).await, before);
+
+        // FAST_ZERO: refused without change where it would have to write zeroes...
+        let fast = ZeroFlags {
+            fast: true,
+            ..ZeroFlags::default()
+        };
+        let snapshot = read(&v, 0, size).await;
+        for (offset, len) in [(10, 10), (CS + 5, CS), (3 * CS - 1, 2), (0, size - 1)] {
+            assert!(
+                matches!(
+                    v.write_zeroes(offset, len, fast).await,
+                    Err(BlockError::FastZeroUnsupported)
+                ),
+                "fast zero of {offset}+{len}"
+            );
+        }
+        assert_eq!(read(&v, 0, size).await, snapshot);
+        // ...and done where it only deletes whole chunks or touches absent ones.
+        v.write_zeroes(CS, CS, fast).await.unwrap();
+        v.write_zeroes(4 * CS + 3, 4 * CS, fast).await.unwrap();
+        v.write_zeroes(2 * CS, CS + 7, fast).await.unwrap();
+        assert_eq!(store.head("disk.2.chunk").await.unwrap(), None);
+        // The short last chunk is covered whole by a range ending at the disk's end.
+        v.write_zeroes(10 * CS, 12 * KIB, fast).await.unwrap();
+        assert_eq!(store.head("disk.10.chunk").await.unwrap(), None);
+        assert_eq!(keys(&store).await, ["disk.0.chunk", "disk.volume"]);
+        assert_eq!(status(&v, 0, size), [(CS, 0), (size - CS, HOLE)]);
+
+        v.flush().await.unwrap();
+
+        // Reopening sees the same content, with the recorded size.
+        let id = v.volume_id().to_owned();
+        v.close().await.unwrap();
+        let w = open(&store, opts("disk", None)).await;
+        assert_eq!(w.info().size, size);
+        assert_eq!(w.volume_id(), id);
+        assert_eq!(read(&w, 0, size).await, read(&v, 0, size).await);
+        assert_eq!(status(&w, 0, size), status(&v, 0, size));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn behaviour_on_memory() {
+        device_behaviour(Arc::new(MemoryStore::new())).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn behaviour_on_file() {
+        let dir = TempDir::new("behaviour");
+        device_behaviour(Arc::new(FileStore::open(&dir.0, true).unwrap())).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn behaviour_on_a_store_without_put_range() {
+        device_behaviour(TestStore::whole_objects()).await;
+    }
+
+    #[tokio::test]
+    async fn absent_chunks_never_reach_the_store() {
+        let counted = TestStore::new(Arc::new(MemoryStore::new()), true);
+        let store: Arc<dyn ObjectStore> = counted.clone();
+        let v = open(&store, opts("v", Some(1 << 30))).await;
+        let gets = counted.gets.load(Ordering::SeqCst);
+        let changes = counted.changes.load(Ordering::SeqCst);
+        v.read(0, 8 << 20).await.unwrap();
+        v.block_status(0, 1 << 30).await.unwrap();
+        v.trim(0, 1 << 30, false).await.unwrap();
+        v.write_zeroes(100, 1 << 20, ZeroFlags::default())
+            .await
+            .unwrap();
+        assert_eq!(counted.gets.load(Ordering::SeqCst), gets);
+        assert_eq!(counted.changes.load(Ordering::SeqCst), changes);
+        assert_eq!(keys(&store).await, ["v.volume"]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 8)]
+    async fn concurrent_writes_into_one_chunk_without_put_range_lose_nothing() {
+        let store: Arc<dyn ObjectStore> = TestStore::whole_objects();
+        let v = Arc::new(open(&store, opts("rmw", Some(4 * CS))).await);
+        const BLOCK: u64 = 1024;
+        // Chunk 1 gets 64 writers at once, each to its own KiB.
+        let mut tasks = Vec::new();
+        for i in 0..CS / BLOCK {
+            let v = Arc::clone(&v);
+            tasks.push(tokio::spawn(async move {
+                let data = Bytes::from(vec![i as u8 + 1; BLOCK as usize]);
+                v.write(CS + i * BLOCK, data, false).await
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+        let got = read(&v, CS, CS).await;
+        for (i, block) in got.chunks(BLOCK as usize).enumerate() {
+            assert!(block.iter().all(|&b| b == i as u8 + 1), "block {i} lost");
+        }
+    }
+
+    #[tokio::test]
+    async fn block_status_of_a_1_tib_volume_is_quick() {
+        let store: Arc<dyn ObjectStore> = Arc::new(MemoryStore::new());
+        let tib = 1u64 << 40;
+        let v = open(
+            &store,
+            ShardedOptions {
+                size: Some(tib),
+                ..ShardedOptions::new("big")
+            },
+        )
+        .await;
+        let cs = DEFAULT_CHUNK_SIZE;
+        v.write(tib / 2, Bytes::from_static(b"x"), false)
+            .await
+            .unwrap();
+        let t = Instant::now();
+        let e = v.block_status(0, tib).await.unwrap();
+        assert_eq!(
+            e,
+            [
+                Extent {
+                    length: tib / 2,
+                    flags: HOLE
+                },
+                Extent {
+                    length: cs,
+                    flags: 0
+                },
+                Extent {
+                    length: tib / 2 - cs,
+                    flags: HOLE
+                },
+            ]
+        );
+        // Every chunk present (as if the whole TiB was written): still bounded work.
+        v.present().extend(0..tib / cs);
+        for _ in 0..10 {
+            let e = v.block_status(0, tib).await.unwrap();
+            assert_eq!(
+                e,
+                [Extent {
+                    length: STATUS_MAX_CHUNKS as u64 * cs,
+                    flags: 0
+                }]
+            );
+        }
+        // Alternating chunks: one extent each, bounded too.
+        v.present().retain(|n| n % 2 == 0);
+        let e = v.block_status(cs, tib - cs).await.unwrap();
+        assert!(e.len() <= 2 * STATUS_MAX_CHUNKS, "{}", e.len());
+        assert_eq!(
+            e[0],
+            Extent {
+                length: cs,
+                flags: HOLE
+            }
+        );
+        assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+        // Trimming the whole TiB deletes the one real chunk and forgets the others.
+        v.trim(0, tib, false).await.unwrap();
+        assert_eq!(keys(&store).await, ["big.volume"]);
+        assert_eq!(status(&v, 0, tib), [(tib, HOLE)]);
+    }
+
+    #[tokio::test]
+    async fn reopen_without_size_uses_the_recorded_one() {
+        let store: Arc<dyn ObjectStore> = Arc::new(MemoryStore::new());
+        let v = open(&store, opts("vm1", Some(3 * CS + 5))).await;
+        assert!(uuid::Uuid::parse_str(v.volume_id()).is_ok());
+        v.write(3 * CS, Bytes::from_static(b"hello"), false)
+            .await
+            .unwrap();
+        let w = open(&store, opts("vm1", None)).await;
+        assert_eq!(w.info().size, 3 * CS + 5);
+        assert_eq!(w.volume_id(), v.volume_id());
+        assert_eq!(read(&w, 3 * CS, 5).await, b"hello");
+        // Giving the same size again is fine too.
+        open(&store, opts("vm1", Some(3 * CS + 5))).await;
+        let meta = store.get("vm1.volume", None).await.unwrap().unwrap();
+        let meta = std::str::from_utf8(&meta).unwrap();
+        assert!(meta.contains("format = 1\n"), "{meta}");
+        assert!(meta.contains(&format!("size = {}\n", 3 * CS + 5)), "{meta}");
+        assert!(meta.contains(&format!("chunk_size = {CS}\n")), "{meta}");
+        assert!(
+            meta.contains(&format!("id = \"{}\"", v.volume_id())),
+            "{meta}"
+        );
+    }
+
+    #[tokio::test]
+    async fn zero_chunks_are_never_stored() {
+        for put_range in [true, false] {
+            let counting = TestStore::new(Arc::new(MemoryStore::new()), put_range);
+            let store: Arc<dyn ObjectStore> = counting.clone();
+            let v = open(&store, opts("z", Some(4 * CS))).await;
+            let base = counting.changes.load(Ordering::SeqCst);
+            // A whole chunk of zeroes on an absent chunk: nothing is stored at all.
+            v.write(0, Bytes::from(vec![0u8; CS as usize]), false)
+                .await
+                .unwrap();
+            assert_eq!(
+                counting.changes.load(Ordering::SeqCst),
+                base,
+                "put_range={put_range}"
+            );
+            assert_eq!(keys(&store).await, ["z.volume"]);
+            // Data, then a whole chunk of zeroes over it: the chunk is deleted.
+            v.write(CS, pattern(CS, 3), false).await.unwrap();
+            assert_eq!(keys(&store).await, ["z.1.chunk", "z.volume"]);
+            v.write(CS, Bytes::from(vec![0u8; CS as usize]), false)
+                .await
+                .unwrap();
+            assert_eq!(keys(&store).await, ["z.volume"]);
+            assert_eq!(read(&v, CS, CS).await, vec![0u8; CS as usize]);
+            assert_eq!(
+                v.block_status(0, 4 * CS).await.unwrap(),
+                [Extent {
+                    length: 4 * CS,
+                    flags: STATE_HOLE | STATE_ZERO
+                }]
+            );
+        }
+        // Without put_range, a partial write whose chunk ends up all zeroes deletes it too.
+        let store: Arc<dyn ObjectStore> = TestStore::whole_objects();
+        let v = open(&store, opts("p", Some(4 * CS))).await;
+        v.write(10, pattern(100, 1), false).await.unwrap();
+        assert_eq!(keys(&store).await, ["p.0.chunk", "p.volume"]);
+        v.write(10, Bytes::from(vec![0u8; 100]), false)
+            .await
+            .unwrap();
+        assert_eq!(keys(&store).await, ["p.volume"]);
+        v.write(CS + 7, Bytes::from(vec![0u8; 9]), false)
+            .await
+            .unwrap();
+        assert_eq!(keys(&store).await, ["p.volume"]);
+    }
+
+    #[test]
+    fn is_zero_finds_any_nonzero_byte() {
+        assert!(is_zero(&[]));
+        assert!(is_zero(&[0; 1000]));
+        for at in [0, 63, 64, 999] {
+            let mut v = vec![0u8; 1000];
+            v[at] = 1;
+            assert!(!is_zero(&v), "{at}");
+        }
+    }
+
+    #[tokio::test]
+    async fn reopen_without_chunk_size_uses_the_recorded_one() {
+        let store: Arc<dyn ObjectStore> = Arc::new(MemoryStore::new());
+        let v = open(
+            &store,
+            ShardedOptions {
+                size: Some(1 << 20),
+                chunk_size: Some(64 << 10),
+                ..ShardedOptions::new("small")
+            },
+        )
+        .await;
+        assert_eq!(v.chunk_size(), 64 << 10);
+        let w = open(&store, ShardedOptions::new("small")).await;
+        assert_eq!(w.chunk_size(), 64 << 10);
+        // A new volume without a chunk size gets the default.
+        let x = open(
+            &store,
+            ShardedOptions {
+                size: Some(1 << 20),
+                ..ShardedOptions::new("other")
+            },
+        )
+        .await;
+        assert_eq!(x.chunk_size(), DEFAULT_CHUNK_SIZE);
+    }
+
+    #[tokio::test]
+    async fn mismatches_say_both_values_and_the_key() {
+        let store: Arc<dyn ObjectStore> = Arc::new(MemoryStore::new());
+        open(
+            &store,
+            ShardedOptions {
+                size: Some(1 << 30),
+                ..ShardedOptions::new("vm1")
+            },
+        )
+        .await;
+        let e = open_err(
+            &store,
+            ShardedOptions {
+                size: Some(2 << 30),
+                ..ShardedOptions::new("vm1")
+            },
+        )
+        .await;
+        assert_eq!(
+            e,
+            "volume \"vm1\" was created with size 1073741824 bytes, but size 2147483648 was \
+             asked for (recorded in vm1.volume)"
+        );
+        let e = open_err(
+            &store,
+            ShardedOptions {
+                chunk_size: Some(1 << 20),
+                ..ShardedOptions::new("vm1")
+            },
+        )
+        .await;
+        assert_eq!(
+            e,
+            "volume \"vm1\" was created with chunk size 4194304 bytes, but chunk size 1048576 \
+             was asked for (recorded in vm1.volume)"
+        );
+    }
+
+    #[tokio::test]
+    async fn missing_volume_without_size_says_how_to_create_it() {
+        let store: Arc<dyn ObjectStore> = Arc::new(MemoryStore::new());
+        let e = open_err(&store, ShardedOptions::new("images/vm2")).await;
+        assert_eq!(
+            e,
+            "volume \"images/vm2\" does not exist (no object images/vm2.volume); give a size to \
+             create it"
+        );
+        let e = open_err(
+            &store,
+            ShardedOptions {
+                read_only: true,
+                ..opts("vm2", Some(CS))
+            },
+        )
+        .await;
+        assert_eq!(
+            e,
+            "volume \"vm2\" does not exist (no object vm2.volume), and a read-only export does \
+             not create it"
+        );
+        assert!(keys(&store).await.is_empty());
+    }
+
+    #[tokio::test]
+    async fn dry_run_creates_nothing() {
+        let store: Arc<dyn ObjectStore> = Arc::new(MemoryStore::new());
+        let dry = ShardedOptions {
+            create: false,
+            ..opts("vm3", Some(4 * CS))
+        };
+        let v = open(&store, dry.clone()).await;
+        assert!(v.info().read_only);
+        assert_eq!(v.volume_id(), "");
+        assert_eq!(read(&v, 0, CS).await, vec![0; CS as usize]);
+        assert!(matches!(
+            v.write(0, Bytes::from_static(b"x"), false).await,
+            Err(BlockError::ReadOnly)
+        ));
+        assert!(matches!(
+            v.trim(0, CS, false).await,
+            Err(BlockError::ReadOnly)
+        ));
+        v.close().await.unwrap();
+        assert!(keys(&store).await.is_empty());
+
+        // A dry run over an existing volume checks it like a real open.
+        let real = open(&store, opts("vm3", Some(4 * CS))).await;
+        real.write(0, Bytes::from_static(b"x"), false)
+            .await
+            .unwrap();
+        let before = keys(&store).await;
+        let v = open(&store, dry.clone()).await;
+        assert_eq!(v.volume_id(), real.volume_id());
+        assert_eq!(read(&v, 0, 1).await, b"x");
+        let e = open_err(
+            &store,
+            ShardedOptions {
+                size: Some(8 * CS),
+                ..dry
+            },
+        )
+        .await;
+        assert!(e.contains("was created with size"), "{e}");
+        assert_eq!(keys(&store).await, before);
+    }
+
+    #[tokio::test]
+    async fn read_only_volumes_refuse_changes() {
+        let store: Arc<dyn ObjectStore> = Arc::new(MemoryStore::new());
+        open(&store, opts("ro", Some(2 * CS))).await;
+        let v = open(
+            &store,
+            ShardedOptions {
+                read_only: true,
+                ..opts("ro", None)
+            },
+        )
+        .await;
+        assert!(v.info().read_only);
+        let fast = ZeroFlags {
+            fast: true,
+            ..ZeroFlags::default()
+        };
+        assert!(matches!(
+            v.write(0, Bytes::from_static(b"x"), true).await,
+            Err(BlockError::ReadOnly)
+        ));
+        assert!(matches!(
+            v.write_zeroes(0, CS, fast).await,
+            Err(BlockError::ReadOnly)
+        ));
+        assert!(matches!(
+            v.trim(0, 2 * CS, false).await,
+            Err(BlockError::ReadOnly)
+        ));
+        v.flush().await.unwrap();
+        assert_eq!(keys(&store).await, ["ro.volume"]);
+    }
+
+    #[tokio::test]
+    async fn bad_options_are_refused_before_touching_the_store() {
+        let store: Arc<dyn ObjectStore> = Arc::new(MemoryStore::new());
+        for cs in [0, 1000, 2048, 3 << 20, 2 << 30] {
+            let e = open_err(
+                &store,
+                ShardedOptions {
+                    chunk_size: Some(cs),
+                    ..opts("v", Some(1 << 30))
+                },
+            )
+            .await;
+            assert_eq!(
+                e,
+                format!(
+                    "volume \"v\": chunk size {cs} is not a power of two from 4096 to 1073741824"
+                )
+            );
+        }
+        for size in [0, u64::MAX] {
+            let e = open_err(&store, opts("v", Some(size))).await;
+            assert_eq!(
+                e,
+                format!("volume \"v\": size {size} is not between 1 and 9223372036854775807 bytes")
+            );
+        }
+        for name in [
+            "",
+            "../v",
+            "/v",
+            "v/",
+            "a//b",
+            "bad\nname",
+            &"n".repeat(1000),
+        ] {
+            let e = open_err(&store, opts(name, Some(CS))).await;
+            assert!(
+                e.starts_with(&format!("invalid volume name {name:?}")),
+                "{e}"
+            );
+        }
+        assert!(keys(&store).await.is_empty());
+    }
+
+    #[tokio::test]
+    async fn chunks_without_metadata_are_not_adopted() {
+        let store: Arc<dyn ObjectStore> = Arc::new(MemoryStore::new());
+        store
+            .put("lost.7.chunk", Bytes::from_static(b"old"), false)
+            .await
+            .unwrap();
+        // Other volumes' objects sharing the prefix are not chunks of this one.
+        store
+            .put("lost.2.3.chunk", Bytes::from_static(b"?"), false)
+            .await
+            .unwrap();
+        let e = open_err(&store, opts("lost", Some(16 * CS))).await;
+        assert_eq!(
+            e,
+            "volume \"lost\" has no lost.volume, but 1 chunk objects such as lost.7.chunk exist; \
+             refusing to create a volume over them (restore lost.volume or delete them)"
+        );
+        assert_eq!(keys(&store).await, ["lost.2.3.chunk", "lost.7.chunk"]);
+    }
+
+    #[tokio::test]
+    async fn only_this_volumes_chunks_count() {
+        let store: Arc<dyn ObjectStore> = Arc::new(MemoryStore::new());
+        let a = open(&store, opts("a", Some(4 * CS))).await;
+        let a1 = open(&store, opts("a.1", Some(4 * CS))).await;
+        a1.write(0, Bytes::from_static(b"x"), false).await.unwrap();
+        a.write(CS, Bytes::from_static(b"y"), false).await.unwrap();
+        let a = open(&store, opts("a", None)).await;
+        assert_eq!(status(&a, 0, 4 * CS), [(CS, HOLE), (CS, 0), (2 * CS, HOLE)]);
+        assert_eq!(chunk_index("a.", "a.1.0.chunk"), None);
+        assert_eq!(chunk_index("a.", "a.01.chunk"), None);
+        assert_eq!(chunk_index("a.", "a..chunk"), None);
+        assert_eq!(chunk_index("a.", "a.volume"), None);
+        assert_eq!(chunk_index("a.", "a.0.chunk"), Some(0));
+        assert_eq!(chunk_index("a.", "a.123.chunk"), Some(123));
+    }
+
+    #[tokio::test]
+    async fn bad_metadata_is_reported() {
+        let store: Arc<dyn ObjectStore> = Arc::new(MemoryStore::new());
+        let cases: [(&str, &[u8]); 5] = [
+            ("format", b"format = 2\nsize = 1\n"),
+            ("garbage", b"\xff\xfe"),
+            ("nofmt", b"size = 65536\n"),
+            (
+                "noid",
+                b"format = 1\nsize = 65536\nchunk_size = 65536\nid = \"x\"\n",
+            ),
+            (
+                "odd",
+                b"format = 1\nsize = 65536\nchunk_size = 1000\nid = \"x\"\n",
+            ),
+        ];
+        for (name, body) in cases {
+            store
+                .put(&format!("{name}.volume"), Bytes::from_static(body), false)
+                .await
+                .unwrap();
+        }
+        assert_eq!(
+            open_err(&store, opts("format", None)).await,
+            "volume \"format\": format.volume has format 2, but this version reads only format 1"
+        );
+        for name in ["garbage", "nofmt", "noid", "odd"] {
+            let e = open_err(&store, opts(name, None)).await;
+            assert!(
+                e.starts_with(&format!(
+                    "volume \"{name}\": {name}.volume is not valid volume metadata: "
+                )),
+                "{e}"
+            );
+        }
+    }
+}
