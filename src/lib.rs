@@ -21,3 +21,5 @@ pub mod pipeline;
 pub mod registry;
 pub mod server;
 pub mod store;
+pub mod supervisor;
+pub mod systemd;

@@ -4,18 +4,19 @@
 use std::process::ExitCode;
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use clap::Parser;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use nbd_rs::block::BlockSizes;
 use nbd_rs::cli::{Cli, Command, ServeArgs};
-use nbd_rs::config::adhoc::parse_exports;
-use nbd_rs::config::model::{self, Config};
-use nbd_rs::export::{Export, ExportTable};
-use nbd_rs::pipeline::{self, BuildContext};
-use nbd_rs::{registry, server};
+use nbd_rs::export::ExportTable;
+use nbd_rs::pipeline::BuildContext;
+use nbd_rs::server::{ListenAddr, Listener};
+use nbd_rs::supervisor::Supervisor;
+use nbd_rs::systemd::{self, ListenFds};
+use nbd_rs::{registry, server, supervisor};
 
 /// Exit status for a bad command line or configuration when serving.
 const USAGE: u8 = 2;
@@ -30,11 +31,16 @@ fn main() -> ExitCode {
         Some(Command::Check(args)) => return with_runtime(check(args)),
         None => {}
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(log_filter())
-        .with_writer(std::io::stderr)
-        .init();
-    with_runtime(serve(cli.serve))
+    systemd::init_logging(log_filter());
+    // Taken before the runtime starts its threads: taking them edits the environment.
+    let activated = match systemd::listen_fds() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("nbd-rs: error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    with_runtime(serve(cli.serve, activated))
 }
 
 /// `RUST_LOG`, or `info`; the HTTP and signing libraries under the S3 store are held at
@@ -59,81 +65,38 @@ fn with_runtime(f: impl Future<Output = ExitCode>) -> ExitCode {
     }
 }
 
-/// Loads the file and the environment, merges the command line over them, checks the result
-/// and builds (or, for `check`, dry-runs) every export. Every problem found anywhere is
-/// returned together, each rendered with its place.
-async fn configure(
-    args: &ServeArgs,
-    ctx: &BuildContext,
-) -> Result<(Config, Vec<pipeline::Built>), Vec<String>> {
-    let (mut config, mut problems, mut locator) = model::load(args.config.as_deref());
-    let cli_exports = match parse_exports(&args.export_triples()) {
-        Ok(e) => e,
-        Err(e) => return Err(vec![e.to_string()]),
-    };
-    let listen = (!args.listen.is_empty()).then(|| args.listen.clone());
-    model::apply_cli(&mut config, listen, cli_exports, &mut locator);
-    if args.read_only {
-        for e in &mut config.exports {
-            e.read_only = true;
+/// Reloads the configuration on every SIGHUP, one at a time.
+fn spawn_reloader(supervisor: Arc<Supervisor>) {
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(h) => h,
+        Err(e) => {
+            error!(error = %e, "cannot handle SIGHUP: reloads are disabled");
+            return;
         }
-    }
-    model::check_whole(&config, &mut problems);
-    if config.exports.is_empty() && problems.is_empty() {
-        return Err(vec![match &args.config {
-            Some(p) => format!(
-                "{} declares no export: add an [exports.NAME] table, or -e NAME DRIVER CONN",
-                p.display()
-            ),
-            None => "no export given: add -e NAME DRIVER CONN, for example -e disk raw memory:1GiB"
-                .into(),
-        }]);
-    }
-    // Every export is checked first, even when others are broken, so that one run reports
-    // everything and a refused start creates nothing.
-    let dry = BuildContext {
-        dry_run: true,
-        ..ctx.clone()
     };
-    let mut built = Vec::new();
-    for e in &config.exports {
-        match pipeline::build(e, &dry).await {
-            Ok(b) => built.push(b),
-            Err(p) => problems.extend(p),
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            info!("SIGHUP: reloading the configuration");
+            systemd::reloading();
+            match supervisor.reload().await {
+                Ok(r) => {
+                    info!("configuration reloaded: {r}");
+                    systemd::ready(&systemd::serving_status(&supervisor.table().load()));
+                }
+                Err(problems) => {
+                    for p in &problems {
+                        error!("reload refused: {p}");
+                    }
+                    error!("reload failed: serving on with the previous configuration");
+                    let serving = systemd::serving_status(&supervisor.table().load());
+                    systemd::ready(&format!(
+                        "reload failed ({} problem(s), see the log); {serving}",
+                        problems.len()
+                    ));
+                }
+            }
         }
-    }
-    if !problems.is_empty() {
-        return Err(locator.render_all(&problems).0);
-    }
-    if ctx.dry_run {
-        return Ok((config, built));
-    }
-    built.clear();
-    for e in &config.exports {
-        match pipeline::build(e, ctx).await {
-            Ok(b) => built.push(b),
-            Err(p) => problems.extend(p),
-        }
-    }
-    if problems.is_empty() {
-        Ok((config, built))
-    } else {
-        Err(locator.render_all(&problems).0)
-    }
-}
-
-/// The configured block sizes, never looser than what the pipeline itself needs.
-fn merge_block_sizes(configured: Option<BlockSizes>, device: BlockSizes) -> BlockSizes {
-    let Some(c) = configured else {
-        return device;
-    };
-    let minimum = c.minimum.max(device.minimum);
-    let maximum = c.maximum.min(device.maximum);
-    BlockSizes {
-        minimum,
-        preferred: c.preferred.max(minimum).min(maximum),
-        maximum,
-    }
+    });
 }
 
 fn report(lines: &[String]) {
@@ -147,7 +110,7 @@ async fn check(args: ServeArgs) -> ExitCode {
         dry_run: true,
         state_dir: BuildContext::state_dir_from_env(),
     };
-    match configure(&args, &ctx).await {
+    match supervisor::configure(&args, &ctx).await {
         Ok((config, built)) => {
             let source = args
                 .config
@@ -169,12 +132,33 @@ async fn check(args: ServeArgs) -> ExitCode {
     }
 }
 
-async fn serve(args: ServeArgs) -> ExitCode {
+/// The sockets passed by the service manager when socket-activated, else `listen` bound.
+async fn open_listeners(
+    listen: &[ListenAddr],
+    activated: Option<ListenFds>,
+) -> Result<Vec<Listener>, String> {
+    if let Some(passed) = activated {
+        let configured: Vec<String> = listen.iter().map(ToString::to_string).collect();
+        info!(
+            sockets = passed.len(),
+            "socket activation: serving on the passed sockets instead of the configured listen addresses ({})",
+            configured.join(", ")
+        );
+        return passed.into_listeners();
+    }
+    let mut listeners = Vec::with_capacity(listen.len());
+    for addr in listen {
+        listeners.push(server::bind(addr).await?);
+    }
+    Ok(listeners)
+}
+
+async fn serve(args: ServeArgs, activated: Option<ListenFds>) -> ExitCode {
     let ctx = BuildContext {
         dry_run: false,
         state_dir: BuildContext::state_dir_from_env(),
     };
-    let (config, built) = match configure(&args, &ctx).await {
+    let (config, built) = match supervisor::configure(&args, &ctx).await {
         Ok(c) => c,
         Err(lines) => {
             report(&lines);
@@ -183,31 +167,32 @@ async fn serve(args: ServeArgs) -> ExitCode {
     };
     let mut exports = Vec::with_capacity(built.len());
     for (e, b) in config.exports.iter().zip(built) {
-        let Some(device) = b.device else {
-            report(&[format!("export {:?} was not built", e.name)]);
-            return ExitCode::FAILURE;
-        };
-        info!(export = %e.name, "export ready: {}", b.summary);
-        let block_sizes = merge_block_sizes(e.block_sizes, device.info().block_sizes);
-        exports.push(Arc::new(Export {
-            name: e.name.clone(),
-            description: e.description.clone(),
-            device,
-            block_sizes,
-        }));
-    }
-    let exports = Arc::new(ExportTable::new(exports).with_default(config.default_export.clone()));
-
-    let mut listeners = Vec::with_capacity(config.listen.len());
-    for addr in &config.listen {
-        match server::bind(addr).await {
-            Ok(l) => listeners.push(l),
-            Err(e) => {
-                eprintln!("nbd-rs: error: {e}");
+        match supervisor::export(e, b) {
+            Ok(x) => exports.push(x),
+            Err(m) => {
+                report(&[m]);
                 return ExitCode::FAILURE;
             }
         }
     }
+    let exports = Arc::new(ArcSwap::from_pointee(
+        ExportTable::new(exports).with_default(config.default_export.clone()),
+    ));
+    let supervisor = Arc::new(Supervisor::new(
+        args.clone(),
+        ctx.clone(),
+        Arc::clone(&exports),
+        config.clone(),
+    ));
+    spawn_reloader(Arc::clone(&supervisor));
+
+    let listeners = match open_listeners(&config.listen, activated).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("nbd-rs: error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
 
     let shutdown = CancellationToken::new();
     let (mut term, mut int) = match (
@@ -226,6 +211,7 @@ async fn serve(args: ServeArgs) -> ExitCode {
             _ = term.recv() => {}
             _ = int.recv() => {}
         }
+        systemd::stopping();
         info!("stopping: finishing requests in flight");
         trigger.cancel();
         tokio::select! {
@@ -236,10 +222,14 @@ async fn serve(args: ServeArgs) -> ExitCode {
         std::process::exit(1);
     });
 
-    server::run(listeners, Arc::clone(&exports), shutdown).await;
+    // Every listener is bound, every export built, the signals handled: ready.
+    systemd::ready(&systemd::serving_status(&exports.load()));
+    let liveness = server::Liveness::new();
+    let _watchdog = systemd::spawn_watchdog(liveness.clone(), shutdown.clone());
+    server::run_watched(listeners, Arc::clone(&exports), shutdown, liveness).await;
 
     let mut status = ExitCode::SUCCESS;
-    for e in exports.iter() {
+    for e in exports.load().iter() {
         if let Err(err) = e.device.close().await {
             error!(export = %e.name, error = %err, "closing the export failed: data may not be durable");
             status = ExitCode::FAILURE;

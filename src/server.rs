@@ -3,11 +3,13 @@
 use std::fmt;
 use std::io;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use tokio::net::{TcpListener, UnixListener};
-use tokio::sync::Semaphore;
+use tokio::sync::{Notify, Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
@@ -64,8 +66,16 @@ impl std::str::FromStr for ListenAddr {
 pub enum Listener {
     /// TCP.
     Tcp(TcpListener),
-    /// A Unix socket, removed again when the server stops.
-    Unix(UnixListener, PathBuf),
+    /// A Unix socket.
+    Unix {
+        /// The socket.
+        listener: UnixListener,
+        /// Its path, as clients reach it (`@name` for an abstract socket).
+        path: PathBuf,
+        /// True for a socket nbd-rs bound itself: its file is removed when the server stops.
+        /// A socket passed by the service manager is its own and stays.
+        remove_on_stop: bool,
+    },
 }
 
 impl Listener {
@@ -76,7 +86,7 @@ impl Listener {
                 .local_addr()
                 .map(|a| a.to_string())
                 .unwrap_or_else(|_| "?".into()),
-            Listener::Unix(_, p) => format!("unix:{}", p.display()),
+            Listener::Unix { path, .. } => format!("unix:{}", path.display()),
         }
     }
 }
@@ -105,17 +115,140 @@ pub async fn bind(addr: &ListenAddr) -> Result<Listener, String> {
                 }
                 std::fs::remove_file(p).map_err(fail)?;
             }
-            Ok(Listener::Unix(
-                UnixListener::bind(p).map_err(fail)?,
-                p.clone(),
-            ))
+            Ok(Listener::Unix {
+                listener: UnixListener::bind(p).map_err(fail)?,
+                path: p.clone(),
+                remove_on_stop: true,
+            })
         }
+    }
+}
+
+/// The export table clients choose from, swapped whole by a reload; each connection takes a
+/// snapshot when it starts.
+pub type SharedExports = Arc<ArcSwap<ExportTable>>;
+
+/// Probes every accept loop answers while it runs, so that a watchdog can tell a server that
+/// serves from a wedged one (see `systemd::spawn_watchdog`). Cheap to clone; clones share the
+/// loops.
+#[derive(Debug, Clone)]
+pub struct Liveness {
+    inner: Arc<LivenessInner>,
+}
+
+#[derive(Debug)]
+struct LivenessInner {
+    /// The number of the latest probe; every loop answers by storing it in its beat.
+    probe: watch::Sender<u64>,
+    /// Each running loop's last answer; a loop that has ended is dropped.
+    beats: Mutex<Vec<Weak<AtomicU64>>>,
+    /// Woken at every answer.
+    answered: Notify,
+}
+
+impl Default for Liveness {
+    fn default() -> Self {
+        Liveness {
+            inner: Arc::new(LivenessInner {
+                probe: watch::Sender::new(0),
+                beats: Mutex::new(Vec::new()),
+                answered: Notify::new(),
+            }),
+        }
+    }
+}
+
+impl Liveness {
+    /// Liveness with no loop yet.
+    pub fn new() -> Self {
+        Liveness::default()
+    }
+
+    /// Registers a loop; it answers probes through the returned beat while it runs.
+    pub fn register(&self) -> Beat {
+        let answered = Arc::new(AtomicU64::new(*self.inner.probe.borrow()));
+        if let Ok(mut beats) = self.inner.beats.lock() {
+            beats.retain(|b| b.strong_count() > 0);
+            beats.push(Arc::downgrade(&answered));
+        }
+        Beat {
+            probes: self.inner.probe.subscribe(),
+            answered,
+            inner: Arc::clone(&self.inner),
+        }
+    }
+
+    /// Sends a new probe and waits at most `within` for every running loop to answer it. False
+    /// if one did not, or if no loop runs.
+    pub async fn probe(&self, within: Duration) -> bool {
+        let mut n = 0;
+        self.inner.probe.send_modify(|p| {
+            *p += 1;
+            n = *p;
+        });
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let woken = self.inner.answered.notified();
+            tokio::pin!(woken);
+            woken.as_mut().enable();
+            if self.all_answered(n) {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, woken).await.is_err() {
+                return self.all_answered(n);
+            }
+        }
+    }
+
+    fn all_answered(&self, n: u64) -> bool {
+        let Ok(beats) = self.inner.beats.lock() else {
+            return false;
+        };
+        let mut running = 0;
+        for b in beats.iter().filter_map(Weak::upgrade) {
+            running += 1;
+            if b.load(Ordering::Acquire) < n {
+                return false;
+            }
+        }
+        running > 0
+    }
+}
+
+/// One accept loop's side of [`Liveness`].
+#[derive(Debug)]
+pub struct Beat {
+    probes: watch::Receiver<u64>,
+    answered: Arc<AtomicU64>,
+    inner: Arc<LivenessInner>,
+}
+
+impl Beat {
+    /// Waits for the next probe and answers it. Cancel-safe: meant as a `select!` branch.
+    pub async fn answer(&mut self) {
+        // The sender lives in `inner`, which this beat holds: `changed` cannot fail.
+        if self.probes.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+        let n = *self.probes.borrow_and_update();
+        self.answered.store(n, Ordering::Release);
+        self.inner.answered.notify_waiters();
     }
 }
 
 /// Serves `exports` on `listeners` until `shutdown` fires, then waits for every connection to
 /// finish its requests in flight.
-pub async fn run(listeners: Vec<Listener>, exports: Arc<ExportTable>, shutdown: CancellationToken) {
+pub async fn run(listeners: Vec<Listener>, exports: SharedExports, shutdown: CancellationToken) {
+    run_watched(listeners, exports, shutdown, Liveness::new()).await;
+}
+
+/// [`run`], with every accept loop answering `liveness`'s probes while it runs.
+pub async fn run_watched(
+    listeners: Vec<Listener>,
+    exports: SharedExports,
+    shutdown: CancellationToken,
+    liveness: Liveness,
+) {
     let tracker = TaskTracker::new();
     let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let mut loops = Vec::new();
@@ -127,6 +260,7 @@ pub async fn run(listeners: Vec<Listener>, exports: Arc<ExportTable>, shutdown: 
             shutdown.clone(),
             tracker.clone(),
             Arc::clone(&limit),
+            liveness.register(),
         )));
     }
     for l in loops {
@@ -138,23 +272,32 @@ pub async fn run(listeners: Vec<Listener>, exports: Arc<ExportTable>, shutdown: 
 
 async fn accept_loop(
     listener: Listener,
-    exports: Arc<ExportTable>,
+    exports: SharedExports,
     shutdown: CancellationToken,
     tracker: TaskTracker,
     limit: Arc<Semaphore>,
+    mut beat: Beat,
 ) {
     let mut backoff = Duration::from_millis(10);
-    loop {
-        let permit = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            p = Arc::clone(&limit).acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => break,
-            },
+    'serve: loop {
+        // Probes are answered while waiting, so a loop that is idle, or held at the connection
+        // limit, is still alive.
+        let permit = loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break 'serve,
+                () = beat.answer() => {}
+                p = Arc::clone(&limit).acquire_owned() => match p {
+                    Ok(p) => break p,
+                    Err(_) => break 'serve,
+                },
+            }
         };
-        let accepted = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            a = accept(&listener) => a,
+        let accepted = loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break 'serve,
+                () = beat.answer() => {}
+                a = accept(&listener) => break a,
+            }
         };
         let (conn, peer) = match accepted {
             Ok(c) => {
@@ -169,7 +312,7 @@ async fn accept_loop(
                 continue;
             }
         };
-        let exports = Arc::clone(&exports);
+        let exports = exports.load_full();
         let shutdown = shutdown.clone();
         tracker.spawn(async move {
             match conn {
@@ -185,8 +328,13 @@ async fn accept_loop(
             drop(permit);
         });
     }
-    if let Listener::Unix(_, p) = &listener {
-        let _ = std::fs::remove_file(p);
+    if let Listener::Unix {
+        path,
+        remove_on_stop: true,
+        ..
+    } = &listener
+    {
+        let _ = std::fs::remove_file(path);
     }
 }
 
@@ -204,9 +352,9 @@ async fn accept(l: &Listener) -> io::Result<(Conn, String)> {
             let _ = s.set_nodelay(true);
             Ok((Conn::Tcp(s), peer.to_string()))
         }
-        Listener::Unix(l, p) => {
-            let (s, _) = l.accept().await?;
-            Ok((Conn::Unix(s), format!("unix:{}", p.display())))
+        Listener::Unix { listener, path, .. } => {
+            let (s, _) = listener.accept().await?;
+            Ok((Conn::Unix(s), format!("unix:{}", path.display())))
         }
     }
 }
@@ -214,6 +362,39 @@ async fn accept(l: &Listener) -> io::Result<(Conn, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn liveness_needs_every_running_loop_to_answer() {
+        let live = Liveness::new();
+        // No loop runs: nothing proves the server alive.
+        assert!(!live.probe(Duration::from_millis(20)).await);
+
+        let stop = CancellationToken::new();
+        let answering = |mut beat: Beat, stop: CancellationToken| async move {
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    () = beat.answer() => {}
+                }
+            }
+        };
+        let a = tokio::spawn(answering(live.register(), stop.clone()));
+        let b = tokio::spawn(answering(live.register(), stop.clone()));
+        for _ in 0..3 {
+            assert!(live.probe(Duration::from_secs(5)).await);
+        }
+
+        // A loop that is no longer polled (wedged) withholds the answer.
+        let wedged = live.register();
+        assert!(!live.probe(Duration::from_millis(50)).await);
+        // Once it has ended, the others speak for the server again.
+        drop(wedged);
+        assert!(live.probe(Duration::from_secs(5)).await);
+
+        stop.cancel();
+        let _ = a.await;
+        let _ = b.await;
+    }
 
     #[test]
     fn listen_addresses_parse_or_say_why_not() {

@@ -53,6 +53,7 @@ pub async fn serve_connection<R, W>(
             return;
         }
     };
+    let _lease = session.export.lease(peer);
     let export = session.export.name.clone();
     let mode = session.mode;
     debug!(

@@ -340,3 +340,147 @@ impl Drop for Moto {
         }
     }
 }
+
+/// A free TCP port on 127.0.0.1 (bound, then released for the server to take).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap()
+}
+
+impl Server {
+    /// Starts `nbd-rs ARGS...` with extra environment variables and returns at once, without
+    /// waiting for it to listen: for tests that wait on something else (`READY=1`). `addr` is
+    /// what [`Server::addr`] reports.
+    pub fn spawn_unwaited(full: &[&str], env: &[(String, String)], addr: &str) -> Server {
+        let mut child = Command::new(bin())
+            .args(full)
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn nbd-rs");
+        let stderr = child.stderr.take().unwrap();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&log);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                eprintln!("[nbd-rs] {line}");
+                sink.lock().unwrap().push(line);
+            }
+        });
+        Server {
+            child: Some(child),
+            addr: addr.to_owned(),
+            log,
+        }
+    }
+
+    /// Waits at most `limit` for the process to exit by itself (after a signal the test sent),
+    /// returning its status and how long it took; kills it and panics past `limit`.
+    pub fn wait_exit(mut self, limit: Duration) -> (ExitStatus, Duration) {
+        let mut child = self.child.take().unwrap();
+        let started = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return (status, started.elapsed());
+            }
+            if started.elapsed() > limit {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "nbd-rs did not exit within {limit:?}; log:\n{}",
+                    self.log.lock().unwrap().join("\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+/// A Unix datagram socket standing in for systemd's `NOTIFY_SOCKET`: pass [`NotifySocket::env`]
+/// to the server and read what it tells the service manager, one datagram per notification.
+pub struct NotifySocket {
+    sock: std::os::unix::net::UnixDatagram,
+    path: PathBuf,
+    _dir: Scratch,
+}
+
+impl NotifySocket {
+    /// A socket bound in a fresh scratch directory.
+    pub fn new() -> NotifySocket {
+        let dir = Scratch::new("notify");
+        let path = dir.path("notify.sock");
+        let sock = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+        NotifySocket {
+            sock,
+            path,
+            _dir: dir,
+        }
+    }
+
+    /// `("NOTIFY_SOCKET", path)`.
+    pub fn env(&self) -> (String, String) {
+        ("NOTIFY_SOCKET".into(), self.path.to_str().unwrap().into())
+    }
+
+    /// The next message, or `None` if none arrives within `timeout`.
+    pub fn recv(&self, timeout: Duration) -> Option<String> {
+        self.sock
+            .set_read_timeout(Some(timeout.max(Duration::from_millis(1))))
+            .unwrap();
+        let mut buf = vec![0u8; 64 * 1024];
+        match self.sock.recv(&mut buf) {
+            Ok(n) => Some(String::from_utf8_lossy(&buf[..n]).into_owned()),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                None
+            }
+            Err(e) => panic!("notify socket: {e}"),
+        }
+    }
+
+    /// Receives until a message has the line `line` (like `READY=1`), within `timeout`;
+    /// returns every message received, that one last. Panics with what was seen on timeout.
+    pub fn wait_for(&self, line: &str, timeout: Duration) -> Vec<String> {
+        let deadline = Instant::now() + timeout;
+        let mut seen = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                panic!("no {line} within {timeout:?}; received: {seen:?}");
+            }
+            if let Some(m) = self.recv(left) {
+                let found = m.lines().any(|l| l == line);
+                seen.push(m);
+                if found {
+                    return seen;
+                }
+            }
+        }
+    }
+
+    /// Every message received during `window`.
+    pub fn collect(&self, window: Duration) -> Vec<String> {
+        let deadline = Instant::now() + window;
+        let mut seen = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return seen;
+            }
+            if let Some(m) = self.recv(left) {
+                seen.push(m);
+            }
+        }
+    }
+}

@@ -1,0 +1,290 @@
+//! The supervisor: loads and checks the configuration, builds every export's pipeline, and
+//! reloads on SIGHUP without disturbing what did not change.
+//!
+//! A reload re-reads the file and the environment (the command line given at start still
+//! applies over them) and checks everything before anything changes; a configuration with
+//! any problem changes nothing. Then:
+//! - unchanged exports keep their pipeline, their state and their connections;
+//! - new exports are built and added;
+//! - removed exports accept no new clients; their open connections go on until the clients
+//!   leave, and the pipeline is closed (flushed) after the last one;
+//! - a changed export with no client is closed (flushed) before its new pipeline opens the
+//!   storage, so two pipelines never write the same storage;
+//! - a changed export with connected clients refuses the whole reload, naming the export and
+//!   its clients: qemu aborts when an export it reconnects to has changed size and hangs when it
+//!   has turned read-only, so such a change waits until they have disconnected (reload again).
+//!
+//! Listen addresses cannot change at run time: a reload that changes them says so and keeps
+//! the sockets it has.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use tracing::{error, info, warn};
+
+use crate::block::BlockSizes;
+use crate::cli::ServeArgs;
+use crate::config::adhoc::parse_exports;
+use crate::config::model::{self, Config, ExportConfig};
+use crate::export::{Export, ExportTable};
+use crate::pipeline::{self, BuildContext, Built};
+use crate::server::SharedExports;
+
+/// Loads the file and the environment, merges the command line over them, checks the result
+/// and builds (or, with `ctx.dry_run`, checks) every export. Every problem found anywhere is
+/// returned together, each rendered with its place.
+pub async fn configure(
+    args: &ServeArgs,
+    ctx: &BuildContext,
+) -> Result<(Config, Vec<Built>), Vec<String>> {
+    let (mut config, mut problems, mut locator) = model::load(args.config.as_deref());
+    let cli_exports = match parse_exports(&args.export_triples()) {
+        Ok(e) => e,
+        Err(e) => return Err(vec![e.to_string()]),
+    };
+    let listen = (!args.listen.is_empty()).then(|| args.listen.clone());
+    model::apply_cli(&mut config, listen, cli_exports, &mut locator);
+    if args.read_only {
+        for e in &mut config.exports {
+            e.read_only = true;
+        }
+    }
+    model::check_whole(&config, &mut problems);
+    if config.exports.is_empty() && problems.is_empty() {
+        return Err(vec![match &args.config {
+            Some(p) => format!(
+                "{} declares no export: add an [exports.NAME] table, or -e NAME DRIVER CONN",
+                p.display()
+            ),
+            None => "no export given: add -e NAME DRIVER CONN, for example -e disk raw memory:1GiB"
+                .into(),
+        }]);
+    }
+    // Every export is checked first, even when others are broken, so that one run reports
+    // everything and a refused start creates nothing.
+    let dry = BuildContext {
+        dry_run: true,
+        ..ctx.clone()
+    };
+    let mut built = Vec::new();
+    for e in &config.exports {
+        match pipeline::build(e, &dry).await {
+            Ok(b) => built.push(b),
+            Err(p) => problems.extend(p),
+        }
+    }
+    if !problems.is_empty() {
+        return Err(locator.render_all(&problems).0);
+    }
+    if ctx.dry_run {
+        return Ok((config, built));
+    }
+    built.clear();
+    for e in &config.exports {
+        match pipeline::build(e, ctx).await {
+            Ok(b) => built.push(b),
+            Err(p) => problems.extend(p),
+        }
+    }
+    if problems.is_empty() {
+        Ok((config, built))
+    } else {
+        Err(locator.render_all(&problems).0)
+    }
+}
+
+/// The configured block sizes, never looser than what the pipeline itself needs.
+pub fn merge_block_sizes(configured: Option<BlockSizes>, device: BlockSizes) -> BlockSizes {
+    let Some(c) = configured else {
+        return device;
+    };
+    let minimum = c.minimum.max(device.minimum);
+    let maximum = c.maximum.min(device.maximum);
+    BlockSizes {
+        minimum,
+        preferred: c.preferred.max(minimum).min(maximum),
+        maximum,
+    }
+}
+
+/// An export from its configuration and its built pipeline.
+pub fn export(e: &ExportConfig, b: Built) -> Result<Arc<Export>, String> {
+    let Some(device) = b.device else {
+        return Err(format!("export {:?} was not built", e.name));
+    };
+    info!(export = %e.name, "export ready: {}", b.summary);
+    let block_sizes = merge_block_sizes(e.block_sizes, device.info().block_sizes);
+    Ok(Arc::new(Export {
+        name: e.name.clone(),
+        description: e.description.clone(),
+        device,
+        block_sizes,
+        clients: Default::default(),
+    }))
+}
+
+/// What a reload did, for the log and `STATUS=`.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ReloadReport {
+    /// Exports added.
+    pub added: Vec<String>,
+    /// Exports rebuilt with a new configuration.
+    pub changed: Vec<String>,
+    /// Exports removed (closed once their last client leaves).
+    pub removed: Vec<String>,
+    /// Exports left as they were.
+    pub unchanged: Vec<String>,
+}
+
+impl std::fmt::Display for ReloadReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let list = |v: &[String]| {
+            if v.is_empty() {
+                "none".to_owned()
+            } else {
+                v.join(", ")
+            }
+        };
+        write!(
+            f,
+            "added: {}; changed: {}; removed: {}; unchanged: {}",
+            list(&self.added),
+            list(&self.changed),
+            list(&self.removed),
+            list(&self.unchanged)
+        )
+    }
+}
+
+/// Owns the export table and the configuration it was built from.
+pub struct Supervisor {
+    args: ServeArgs,
+    ctx: BuildContext,
+    table: SharedExports,
+    config: tokio::sync::Mutex<Config>,
+}
+
+impl Supervisor {
+    /// A supervisor for a table built from `config`.
+    pub fn new(args: ServeArgs, ctx: BuildContext, table: SharedExports, config: Config) -> Self {
+        Supervisor {
+            args,
+            ctx,
+            table,
+            config: tokio::sync::Mutex::new(config),
+        }
+    }
+
+    /// The table clients choose from.
+    pub fn table(&self) -> &SharedExports {
+        &self.table
+    }
+
+    /// Re-reads and applies the configuration. On any problem nothing changes and every
+    /// problem is returned.
+    pub async fn reload(&self) -> Result<ReloadReport, Vec<String>> {
+        // One reload at a time.
+        let mut current = self.config.lock().await;
+        let dry = BuildContext {
+            dry_run: true,
+            ..self.ctx.clone()
+        };
+        let (next, _) = configure(&self.args, &dry).await?;
+        if next.listen != current.listen {
+            let listen: Vec<String> = next.listen.iter().map(ToString::to_string).collect();
+            warn!(
+                listen = %listen.join(", "),
+                "listen addresses cannot change while running: restart nbd-rs to apply them"
+            );
+        }
+
+        let table = self.table.load_full();
+        let old: BTreeMap<&str, &ExportConfig> = current
+            .exports
+            .iter()
+            .map(|e| (e.name.as_str(), e))
+            .collect();
+        let mut report = ReloadReport::default();
+        // Refuse before touching anything: changed exports with clients.
+        let mut refusals = Vec::new();
+        for e in &next.exports {
+            if let Some(before) = old.get(e.name.as_str())
+                && *before != e
+                && let Some(live) = table.get(&e.name)
+            {
+                let peers = live.peers();
+                if !peers.is_empty() {
+                    refusals.push(format!(
+                        "export {:?} changed but has clients ({}): the change applies once they have disconnected (reload again then)",
+                        e.name,
+                        peers.join(", ")
+                    ));
+                }
+            }
+        }
+        if !refusals.is_empty() {
+            return Err(refusals);
+        }
+
+        let mut exports: Vec<Arc<Export>> = Vec::with_capacity(next.exports.len());
+        for e in &next.exports {
+            let kept = match old.get(e.name.as_str()) {
+                Some(before) if *before == e => table.get(&e.name).cloned(),
+                _ => None,
+            };
+            if let Some(k) = kept {
+                report.unchanged.push(e.name.clone());
+                exports.push(k);
+                continue;
+            }
+            if old.contains_key(e.name.as_str()) {
+                // Changed, and idle: the old pipeline is flushed and closed before the new one
+                // opens the same storage.
+                if let Some(live) = table.get(&e.name)
+                    && let Err(err) = live.device.close().await
+                {
+                    error!(export = %e.name, error = %err, "closing the old pipeline failed: data may not be durable");
+                }
+                report.changed.push(e.name.clone());
+            } else {
+                report.added.push(e.name.clone());
+            }
+            let built = pipeline::build(e, &self.ctx).await.map_err(|p| {
+                p.into_iter()
+                    .map(|p| format!("export {:?}: {}", e.name, p.message))
+                    .collect::<Vec<_>>()
+            });
+            match built.and_then(|b| export(e, b).map_err(|m| vec![m])) {
+                Ok(x) => exports.push(x),
+                Err(problems) => {
+                    // The configuration was checked; this is an I/O failure of the storage.
+                    for p in &problems {
+                        error!(export = %e.name, "{p}: the export is not served");
+                    }
+                }
+            }
+        }
+        for name in old.keys() {
+            if next.exports.iter().any(|e| e.name == *name) {
+                continue;
+            }
+            report.removed.push((*name).to_owned());
+            if let Some(gone) = table.get(name).cloned() {
+                tokio::spawn(async move {
+                    gone.idle().await;
+                    match gone.device.close().await {
+                        Ok(()) => info!(export = %gone.name, "removed export closed"),
+                        Err(err) => {
+                            error!(export = %gone.name, error = %err, "closing a removed export failed: data may not be durable")
+                        }
+                    }
+                });
+            }
+        }
+        self.table.store(Arc::new(
+            ExportTable::new(exports).with_default(next.default_export.clone()),
+        ));
+        *current = next;
+        Ok(report)
+    }
+}
