@@ -146,3 +146,32 @@ fn fio_file() {
     run_script("bash", "fio.sh", &[&s.uri("disk"), dir.as_str()], LIMIT);
     stop_cleanly(s);
 }
+
+#[test]
+fn conformance_sharded_memory_and_file() {
+    let dir = Scratch::new("conf-sharded");
+    let conn = format!("file:{}/?size=4GiB", dir.as_str());
+    let s = Server::start(&[
+        "-e",
+        "mem",
+        "sharded",
+        "memory:4GiB",
+        "-e",
+        "files",
+        "sharded",
+        &conn,
+    ]);
+    run_script(
+        PY,
+        "conformance.py",
+        &[&s.uri("mem"), "--kind", "sharded"],
+        LIMIT,
+    );
+    run_script(
+        PY,
+        "conformance.py",
+        &[&s.uri("files"), "--kind", "sharded"],
+        LIMIT,
+    );
+    stop_cleanly(s);
+}
