@@ -1,9 +1,16 @@
 //! Exports: named block devices, and the table clients choose them from.
+//!
+//! An export that a reload changes or removes is *retired*: it grants no new client, its
+//! connected clients are told to finish the requests they have sent and leave, and clients
+//! asking for it meanwhile wait until the table holds its successor (or no longer holds the
+//! name), so that two pipelines never serve the same storage at once.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use arc_swap::ArcSwap;
 use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
 
 use crate::block::{BlockDevice, BlockSizes};
 
@@ -23,13 +30,23 @@ pub struct Export {
     pub clients: Clients,
 }
 
-/// The clients of an export in the transmission phase, for reloads: who they are, and when the
-/// last one has gone.
+/// The clients of an export in the transmission phase, for reloads: who they are, when the
+/// last one has gone, and whether the export still takes new ones.
 #[derive(Debug, Default)]
 pub struct Clients {
-    peers: Mutex<Vec<(u64, String)>>,
+    state: Mutex<ClientState>,
     next: AtomicU64,
     gone: Notify,
+    /// Fired when the export is retired: connections stop reading requests.
+    drain: CancellationToken,
+    /// Fired once the table no longer holds the retired export.
+    replaced: CancellationToken,
+}
+
+#[derive(Debug, Default)]
+struct ClientState {
+    peers: Vec<(u64, String)>,
+    retired: bool,
 }
 
 /// A client's place in [`Clients`]; dropping it removes the client.
@@ -42,38 +59,33 @@ pub struct Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         let c = &self.export.clients;
-        let mut peers = c.peers.lock().unwrap_or_else(|e| e.into_inner());
-        peers.retain(|(id, _)| *id != self.id);
-        if peers.is_empty() {
+        let mut st = c.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.peers.retain(|(id, _)| *id != self.id);
+        if st.peers.is_empty() {
             c.gone.notify_waiters();
         }
     }
 }
 
 impl Export {
-    /// Records a client until the returned lease is dropped.
-    pub fn lease(self: &Arc<Self>, peer: &str) -> Lease {
+    /// Records a client until the returned lease is dropped; `None` once the export is retired.
+    pub fn lease(self: &Arc<Self>, peer: &str) -> Option<Lease> {
+        let mut st = self.clients.state.lock().unwrap_or_else(|e| e.into_inner());
+        if st.retired {
+            return None;
+        }
         let id = self.clients.next.fetch_add(1, Ordering::Relaxed);
-        self.clients
-            .peers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push((id, peer.to_owned()));
-        Lease {
+        st.peers.push((id, peer.to_owned()));
+        Some(Lease {
             export: Arc::clone(self),
             id,
-        }
+        })
     }
 
     /// The clients connected now.
     pub fn peers(&self) -> Vec<String> {
-        self.clients
-            .peers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .map(|(_, p)| p.clone())
-            .collect()
+        let st = self.clients.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.peers.iter().map(|(_, p)| p.clone()).collect()
     }
 
     /// Waits until no client is connected.
@@ -85,6 +97,51 @@ impl Export {
             }
             gone.await;
         }
+    }
+
+    /// Takes no new client from now on, and tells the connected ones to finish their requests
+    /// and leave.
+    pub fn retire(&self) {
+        self.clients
+            .state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retired = true;
+        self.clients.drain.cancel();
+    }
+
+    /// True once [`Export::retire`] was called.
+    pub fn is_retired(&self) -> bool {
+        self.clients
+            .state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retired
+    }
+
+    /// Fires when the export is retired.
+    pub fn draining(&self) -> &CancellationToken {
+        &self.clients.drain
+    }
+
+    /// Says that the table no longer holds this (retired) export: clients waiting for it look
+    /// again.
+    pub fn replaced(&self) {
+        self.clients.replaced.cancel();
+    }
+}
+
+/// The table as a client asking for `name` should see it: while the export of that name is
+/// retired, waits until the table holds its successor or no longer holds the name.
+pub async fn settled(shared: &ArcSwap<ExportTable>, name: &str) -> Arc<ExportTable> {
+    loop {
+        let table = shared.load_full();
+        let retired = match table.get(name) {
+            Some(e) if e.is_retired() => Arc::clone(e),
+            _ => return table,
+        };
+        drop(table);
+        retired.clients.replaced.cancelled().await;
     }
 }
 
@@ -136,5 +193,71 @@ impl ExportTable {
     /// True if there are no exports.
     pub fn is_empty(&self) -> bool {
         self.exports.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layout::raw::MemoryImage;
+
+    fn export(name: &str) -> Arc<Export> {
+        let device: Arc<dyn BlockDevice> = Arc::new(MemoryImage::new(1 << 20, false));
+        Arc::new(Export {
+            name: name.into(),
+            description: String::new(),
+            block_sizes: device.info().block_sizes,
+            device,
+            clients: Clients::default(),
+        })
+    }
+
+    #[tokio::test]
+    async fn a_retired_export_grants_no_lease_and_drains_its_clients() {
+        let e = export("a");
+        let lease = e.lease("peer-1").unwrap();
+        assert_eq!(e.peers(), ["peer-1"]);
+        e.retire();
+        assert!(e.draining().is_cancelled());
+        assert!(e.lease("peer-2").is_none());
+        let idle = tokio::spawn({
+            let e = Arc::clone(&e);
+            async move { e.idle().await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!idle.is_finished());
+        drop(lease);
+        idle.await.unwrap();
+        assert!(e.peers().is_empty());
+    }
+
+    #[tokio::test]
+    async fn clients_asking_for_a_retired_export_wait_for_its_successor() {
+        let old = export("a");
+        let shared = Arc::new(ArcSwap::from_pointee(ExportTable::new(vec![Arc::clone(
+            &old,
+        )])));
+        old.retire();
+        let waiter = tokio::spawn({
+            let shared = Arc::clone(&shared);
+            async move { settled(&shared, "a").await.get("a").map(Arc::clone) }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        assert!(!waiter.is_finished(), "a client got a retired export");
+        let new = export("a");
+        shared.store(Arc::new(ExportTable::new(vec![Arc::clone(&new)])));
+        old.replaced();
+        let got = waiter.await.unwrap().unwrap();
+        assert!(Arc::ptr_eq(&got, &new));
+
+        // A removed export: the waiter finds no export of that name.
+        new.retire();
+        let waiter = tokio::spawn({
+            let shared = Arc::clone(&shared);
+            async move { settled(&shared, "a").await.get("a").is_none() }
+        });
+        shared.store(Arc::new(ExportTable::default()));
+        new.replaced();
+        assert!(waiter.await.unwrap());
     }
 }

@@ -15,7 +15,7 @@ use nbd_rs::export::ExportTable;
 use nbd_rs::pipeline::BuildContext;
 use nbd_rs::server::{ListenAddr, Listener};
 use nbd_rs::supervisor::Supervisor;
-use nbd_rs::systemd::{self, ListenFds};
+use nbd_rs::systemd::{self, ListenFds, LogControl};
 use nbd_rs::{registry, server, supervisor};
 
 /// Exit status for a bad command line or configuration when serving.
@@ -31,7 +31,7 @@ fn main() -> ExitCode {
         Some(Command::Check(args)) => return with_runtime(check(args)),
         None => {}
     }
-    systemd::init_logging(log_filter());
+    let (_, log) = systemd::init_logging(systemd::log_filter(None));
     // Taken before the runtime starts its threads: taking them edits the environment.
     let activated = match systemd::listen_fds() {
         Ok(a) => a,
@@ -40,16 +40,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    with_runtime(serve(cli.serve, activated))
-}
-
-/// `RUST_LOG`, or `info`; the HTTP and signing libraries under the S3 store are held at
-/// `info` whatever is asked, because their debug output shows request headers with credentials.
-fn log_filter() -> tracing_subscriber::EnvFilter {
-    let base = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_owned());
-    let quiet = "rusoto_core=info,rusoto_signature=info,rusoto_credential=info,hyper=info";
-    tracing_subscriber::EnvFilter::try_new(format!("{base},{quiet}"))
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("info,{quiet}")))
+    with_runtime(serve(cli.serve, activated, log))
 }
 
 fn with_runtime(f: impl Future<Output = ExitCode>) -> ExitCode {
@@ -66,7 +57,7 @@ fn with_runtime(f: impl Future<Output = ExitCode>) -> ExitCode {
 }
 
 /// Reloads the configuration on every SIGHUP, one at a time.
-fn spawn_reloader(supervisor: Arc<Supervisor>) {
+fn spawn_reloader(supervisor: Arc<Supervisor>, log: LogControl) {
     let mut hup = match signal(SignalKind::hangup()) {
         Ok(h) => h,
         Err(e) => {
@@ -80,6 +71,7 @@ fn spawn_reloader(supervisor: Arc<Supervisor>) {
             systemd::reloading();
             match supervisor.reload().await {
                 Ok(r) => {
+                    log.apply(supervisor.log_level().await.as_deref());
                     info!("configuration reloaded: {r}");
                     systemd::ready(&systemd::serving_status(&supervisor.table().load()));
                 }
@@ -153,7 +145,7 @@ async fn open_listeners(
     Ok(listeners)
 }
 
-async fn serve(args: ServeArgs, activated: Option<ListenFds>) -> ExitCode {
+async fn serve(args: ServeArgs, activated: Option<ListenFds>, log: LogControl) -> ExitCode {
     let ctx = BuildContext {
         dry_run: false,
         state_dir: BuildContext::state_dir_from_env(),
@@ -165,6 +157,7 @@ async fn serve(args: ServeArgs, activated: Option<ListenFds>) -> ExitCode {
             return ExitCode::from(USAGE);
         }
     };
+    log.apply(config.log_level.as_deref());
     let mut exports = Vec::with_capacity(built.len());
     for (e, b) in config.exports.iter().zip(built) {
         match supervisor::export(e, b) {
@@ -184,7 +177,7 @@ async fn serve(args: ServeArgs, activated: Option<ListenFds>) -> ExitCode {
         Arc::clone(&exports),
         config.clone(),
     ));
-    spawn_reloader(Arc::clone(&supervisor));
+    spawn_reloader(Arc::clone(&supervisor), log);
 
     let listeners = match open_listeners(&config.listen, activated).await {
         Ok(l) => l,
@@ -227,6 +220,7 @@ async fn serve(args: ServeArgs, activated: Option<ListenFds>) -> ExitCode {
     let liveness = server::Liveness::new();
     let _watchdog = systemd::spawn_watchdog(liveness.clone(), shutdown.clone());
     server::run_watched(listeners, Arc::clone(&exports), shutdown, liveness).await;
+    supervisor.stop().await;
 
     let mut status = ExitCode::SUCCESS;
     for e in exports.load().iter() {

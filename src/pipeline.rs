@@ -223,6 +223,9 @@ pub struct Built {
     pub device: Option<Arc<dyn BlockDevice>>,
     /// What was built, for people: `raw -> memory, 64 MiB`.
     pub summary: String,
+    /// The disk's size, when known (a check does not learn the size of an S3 volume whose
+    /// configuration does not state it).
+    pub size: Option<u64>,
 }
 
 /// Builds (or, with `dry_run`, checks) an export's pipeline. Every problem found is returned,
@@ -255,21 +258,24 @@ pub async fn build(e: &ExportConfig, ctx: &BuildContext) -> Result<Built, Vec<Pr
     let layer_params = parsed;
 
     let detail: String;
+    let size: Option<u64>;
     let mut chunk_size: Option<u64> = None;
     let mut device: Option<Arc<dyn BlockDevice>>;
     let volume_key: String;
     match e.pipeline.layout.as_str() {
         "raw" => match (e.pipeline.store.as_str(), store_params) {
             ("memory", _) => {
-                let Some(size) = e.size else {
+                let Some(bytes) = e.size else {
                     return fail(
                         export_at(""),
                         "missing key \"size\": a memory disk needs a size".into(),
                     );
                 };
-                detail = human(size);
-                device = (!ctx.dry_run)
-                    .then(|| Arc::new(MemoryImage::new(size, e.read_only)) as Arc<dyn BlockDevice>);
+                detail = human(bytes);
+                size = Some(bytes);
+                device = (!ctx.dry_run).then(|| {
+                    Arc::new(MemoryImage::new(bytes, e.read_only)) as Arc<dyn BlockDevice>
+                });
                 // A memory disk starts empty on every run: a cache above it must never replay
                 // into another run's disk, so its key is new each time.
                 volume_key = format!("memory:{}:{}", e.name, uuid::Uuid::new_v4());
@@ -298,12 +304,14 @@ pub async fn build(e: &ExportConfig, ctx: &BuildContext) -> Result<Built, Vec<Pr
                     }]
                 };
                 if ctx.dry_run {
-                    let size = FileImage::check(&path, e.size, e.read_only).map_err(open_err)?;
-                    detail = format!("{}, image {}", human(size), path.display());
+                    let bytes = FileImage::check(&path, e.size, e.read_only).map_err(open_err)?;
+                    detail = format!("{}, image {}", human(bytes), path.display());
+                    size = Some(bytes);
                     device = None;
                 } else {
                     let img = FileImage::open(&path, e.size, e.read_only).map_err(open_err)?;
                     detail = format!("{}, image {}", human(img.info().size), path.display());
+                    size = Some(img.info().size);
                     device = Some(Arc::new(img));
                 }
                 volume_key = format!("file:{}", path.display());
@@ -387,11 +395,12 @@ pub async fn build(e: &ExportConfig, ctx: &BuildContext) -> Result<Built, Vec<Pr
             };
             if ctx.dry_run && e.pipeline.store == "s3" {
                 // The volume's metadata lives in S3, which a check does not contact.
-                let size = e
+                let stated = e
                     .size
                     .map_or("size recorded in the volume".to_owned(), human);
                 let chunk = human(opts.chunk_size.unwrap_or(DEFAULT_CHUNK_SIZE));
-                detail = format!("{size}, {chunk} chunks; S3 not contacted by a check");
+                detail = format!("{stated}, {chunk} chunks; S3 not contacted by a check");
+                size = e.size;
                 volume_key = String::new();
                 device = None;
             } else {
@@ -407,6 +416,7 @@ pub async fn build(e: &ExportConfig, ctx: &BuildContext) -> Result<Built, Vec<Pr
                     human(vol.chunk_size())
                 );
                 volume_key = format!("sharded:{}", vol.volume_id());
+                size = Some(vol.info().size);
                 chunk_size = Some(vol.chunk_size());
                 device = Some(Arc::new(vol));
             }
@@ -474,7 +484,11 @@ pub async fn build(e: &ExportConfig, ctx: &BuildContext) -> Result<Built, Vec<Pr
     if !e.description.is_empty() {
         summary.push_str(&format!(", {:?}", e.description));
     }
-    Ok(Built { device, summary })
+    Ok(Built {
+        device,
+        summary,
+        size,
+    })
 }
 
 /// Under `raw`, a directory path serves `DIR/NAME`.

@@ -312,7 +312,7 @@ async fn accept_loop(
                 continue;
             }
         };
-        let exports = exports.load_full();
+        let exports = Arc::clone(&exports);
         let shutdown = shutdown.clone();
         tracker.spawn(async move {
             match conn {

@@ -6,26 +6,32 @@
 //! any problem changes nothing. Then:
 //! - unchanged exports keep their pipeline, their state and their connections;
 //! - new exports are built and added;
-//! - removed exports accept no new clients; their open connections go on until the clients
-//!   leave, and the pipeline is closed (flushed) after the last one;
-//! - a changed export with no client is closed (flushed) before its new pipeline opens the
-//!   storage, so two pipelines never write the same storage;
-//! - a changed export with connected clients refuses the whole reload, naming the export and
-//!   its clients: qemu aborts when an export it reconnects to has changed size and hangs when it
-//!   has turned read-only, so such a change waits until they have disconnected (reload again).
+//! - a changed or removed export takes no new client; its connected clients finish the
+//!   requests they have sent, get their answers and are disconnected (a client that does not
+//!   finish is cut after [`crate::nbd::DRAIN_GRACE`]), then its pipeline is flushed and closed;
+//! - a changed export's new pipeline opens the storage only after the old one is closed, so two
+//!   pipelines never write the same storage; clients asking for it meanwhile wait, then get the
+//!   new one (qemu with `reconnect-delay` re-sends what was cut off);
+//! - a change of size or of the read-only setting of an export with connected clients refuses
+//!   the whole reload, naming the export and its clients: qemu aborts when an export it
+//!   reconnects to has changed size and hangs when it has turned read-only, so such a change
+//!   waits until they have disconnected (reload again then).
 //!
 //! Listen addresses cannot change at run time: a reload that changes them says so and keeps
 //! the sockets it has.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
+use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
 use crate::block::BlockSizes;
 use crate::cli::ServeArgs;
 use crate::config::adhoc::parse_exports;
 use crate::config::model::{self, Config, ExportConfig};
+use crate::config::size::human;
 use crate::export::{Export, ExportTable};
 use crate::pipeline::{self, BuildContext, Built};
 use crate::server::SharedExports;
@@ -161,7 +167,10 @@ pub struct Supervisor {
     args: ServeArgs,
     ctx: BuildContext,
     table: SharedExports,
-    config: tokio::sync::Mutex<Config>,
+    /// The configuration the table was built from; `None` once the server is stopping.
+    config: tokio::sync::Mutex<Option<Config>>,
+    /// Removed exports being drained and closed in the background.
+    closing: TaskTracker,
 }
 
 impl Supervisor {
@@ -171,7 +180,8 @@ impl Supervisor {
             args,
             ctx,
             table,
-            config: tokio::sync::Mutex::new(config),
+            config: tokio::sync::Mutex::new(Some(config)),
+            closing: TaskTracker::new(),
         }
     }
 
@@ -180,16 +190,37 @@ impl Supervisor {
         &self.table
     }
 
+    /// The configuration's `[log] level`.
+    pub async fn log_level(&self) -> Option<String> {
+        self.config
+            .lock()
+            .await
+            .as_ref()
+            .and_then(|c| c.log_level.clone())
+    }
+
+    /// For a stopping server: waits for a reload under way, refuses the next ones, and waits
+    /// until every removed export has been closed. The exports in the table are the caller's
+    /// to close.
+    pub async fn stop(&self) {
+        self.config.lock().await.take();
+        self.closing.close();
+        self.closing.wait().await;
+    }
+
     /// Re-reads and applies the configuration. On any problem nothing changes and every
     /// problem is returned.
     pub async fn reload(&self) -> Result<ReloadReport, Vec<String>> {
         // One reload at a time.
-        let mut current = self.config.lock().await;
+        let mut guard = self.config.lock().await;
+        let Some(current) = guard.as_ref() else {
+            return Err(vec!["the server is stopping".into()]);
+        };
         let dry = BuildContext {
             dry_run: true,
             ..self.ctx.clone()
         };
-        let (next, _) = configure(&self.args, &dry).await?;
+        let (next, checked) = configure(&self.args, &dry).await?;
         if next.listen != current.listen {
             let listen: Vec<String> = next.listen.iter().map(ToString::to_string).collect();
             warn!(
@@ -204,62 +235,102 @@ impl Supervisor {
             .iter()
             .map(|e| (e.name.as_str(), e))
             .collect();
-        let mut report = ReloadReport::default();
-        // Refuse before touching anything: changed exports with clients.
+        // Refuse before touching anything: a size or a read-only setting changing under
+        // connected clients.
         let mut refusals = Vec::new();
-        for e in &next.exports {
-            if let Some(before) = old.get(e.name.as_str())
-                && *before != e
-                && let Some(live) = table.get(&e.name)
-            {
-                let peers = live.peers();
-                if !peers.is_empty() {
-                    refusals.push(format!(
-                        "export {:?} changed but has clients ({}): the change applies once they have disconnected (reload again then)",
-                        e.name,
-                        peers.join(", ")
-                    ));
-                }
+        for (e, b) in next.exports.iter().zip(&checked) {
+            let Some(before) = old.get(e.name.as_str()) else {
+                continue;
+            };
+            let Some(live) = table.get(&e.name) else {
+                continue;
+            };
+            let peers = live.peers();
+            if *before == e || peers.is_empty() {
+                continue;
+            }
+            let mut what = Vec::new();
+            let size = live.device.info().size;
+            if let Some(new) = b.size.filter(|n| *n != size) {
+                what.push(format!("its size from {} to {}", human(size), human(new)));
+            }
+            if before.read_only != e.read_only {
+                what.push(if e.read_only {
+                    "it to read-only".to_owned()
+                } else {
+                    "it to writable".to_owned()
+                });
+            }
+            if !what.is_empty() {
+                refusals.push(format!(
+                    "export {:?} has clients ({}): a reload cannot change {} under them; the change applies once they have disconnected (reload again then)",
+                    e.name,
+                    peers.join(", "),
+                    what.join(" and ")
+                ));
             }
         }
         if !refusals.is_empty() {
             return Err(refusals);
         }
 
-        let mut exports: Vec<Arc<Export>> = Vec::with_capacity(next.exports.len());
-        for e in &next.exports {
-            let kept = match old.get(e.name.as_str()) {
-                Some(before) if *before == e => table.get(&e.name).cloned(),
-                _ => None,
-            };
-            if let Some(k) = kept {
-                report.unchanged.push(e.name.clone());
-                exports.push(k);
+        // Retire what changes or goes: no new clients from now on, and the connected ones
+        // finish their requests and are closed. Clients asking for a changed export wait for
+        // its successor.
+        let mut report = ReloadReport::default();
+        let mut retired: Vec<Arc<Export>> = Vec::new();
+        for (name, before) in &old {
+            let same = next.exports.iter().any(|e| e.name == *name && e == *before);
+            if same {
                 continue;
             }
-            if old.contains_key(e.name.as_str()) {
-                // Changed, and idle: the old pipeline is flushed and closed before the new one
-                // opens the same storage.
-                if let Some(live) = table.get(&e.name)
-                    && let Err(err) = live.device.close().await
-                {
+            if let Some(live) = table.get(name) {
+                live.retire();
+                retired.push(Arc::clone(live));
+            }
+        }
+
+        let mut exports: Vec<Arc<Export>> = Vec::with_capacity(next.exports.len());
+        for e in &next.exports {
+            let Some(before) = old.get(e.name.as_str()) else {
+                report.added.push(e.name.clone());
+                if let Some(x) = self.open(e).await {
+                    exports.push(x);
+                }
+                continue;
+            };
+            if *before == e
+                && let Some(kept) = table.get(&e.name)
+            {
+                report.unchanged.push(e.name.clone());
+                exports.push(Arc::clone(kept));
+                continue;
+            }
+            report.changed.push(e.name.clone());
+            // The old pipeline is drained, flushed and closed before the new one opens the
+            // same storage.
+            if let Some(live) = table.get(&e.name) {
+                drain(live).await;
+                if let Err(err) = live.device.close().await {
                     error!(export = %e.name, error = %err, "closing the old pipeline failed: data may not be durable");
                 }
-                report.changed.push(e.name.clone());
-            } else {
-                report.added.push(e.name.clone());
             }
-            let built = pipeline::build(e, &self.ctx).await.map_err(|p| {
-                p.into_iter()
-                    .map(|p| format!("export {:?}: {}", e.name, p.message))
-                    .collect::<Vec<_>>()
-            });
-            match built.and_then(|b| export(e, b).map_err(|m| vec![m])) {
-                Ok(x) => exports.push(x),
-                Err(problems) => {
-                    // The configuration was checked; this is an I/O failure of the storage.
-                    for p in &problems {
-                        error!(export = %e.name, "{p}: the export is not served");
+            match self.open(e).await {
+                Some(x) => {
+                    let new = x.device.info().size;
+                    if let Some(live) = table.get(&e.name)
+                        && live.device.info().size != new
+                    {
+                        warn!(export = %e.name, "the export's size changed from {} to {}", human(live.device.info().size), human(new));
+                    }
+                    exports.push(x);
+                }
+                None => {
+                    // The storage could not be opened with the new settings: serve on with
+                    // the old ones if they still open.
+                    warn!(export = %e.name, "serving the export with its previous configuration");
+                    if let Some(x) = self.open(before).await {
+                        exports.push(x);
                     }
                 }
             }
@@ -270,8 +341,8 @@ impl Supervisor {
             }
             report.removed.push((*name).to_owned());
             if let Some(gone) = table.get(name).cloned() {
-                tokio::spawn(async move {
-                    gone.idle().await;
+                self.closing.spawn(async move {
+                    drain(&gone).await;
                     match gone.device.close().await {
                         Ok(()) => info!(export = %gone.name, "removed export closed"),
                         Err(err) => {
@@ -284,7 +355,47 @@ impl Supervisor {
         self.table.store(Arc::new(
             ExportTable::new(exports).with_default(next.default_export.clone()),
         ));
-        *current = next;
+        // Clients waiting for retired exports look again: they find the successors, or no
+        // export by that name.
+        for r in &retired {
+            r.replaced();
+        }
+        *guard = Some(next);
         Ok(report)
+    }
+
+    /// Builds an export; on failure logs why and returns `None`. The configuration was checked,
+    /// so a failure here is the storage's.
+    async fn open(&self, e: &ExportConfig) -> Option<Arc<Export>> {
+        let built = pipeline::build(e, &self.ctx).await.map_err(|p| {
+            p.into_iter()
+                .map(|p| format!("export {:?}: {}", e.name, p.message))
+                .collect::<Vec<_>>()
+        });
+        match built.and_then(|b| export(e, b).map_err(|m| vec![m])) {
+            Ok(x) => Some(x),
+            Err(problems) => {
+                for p in &problems {
+                    error!(export = %e.name, "{p}: the export is not served");
+                }
+                None
+            }
+        }
+    }
+}
+
+/// Waits until a retired export's connections have finished their requests and closed
+/// (each is cut after [`crate::nbd::DRAIN_GRACE`] at most), saying who is awaited.
+async fn drain(e: &Export) {
+    e.retire();
+    let mut waited = 0u64;
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), e.idle()).await {
+            Ok(()) => return,
+            Err(_) => {
+                waited += 5;
+                info!(export = %e.name, clients = %e.peers().join(", "), "waiting {waited} s for clients to finish their requests");
+            }
+        }
     }
 }

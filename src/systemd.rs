@@ -342,13 +342,52 @@ pub fn choose_sink(journal_stream: Option<&str>) -> LogSink {
     }
 }
 
+/// The crates under the S3 store whose debug output shows request headers with credentials:
+/// held at `info` whatever level is asked for.
+const QUIET: &str = "rusoto_core=info,rusoto_signature=info,rusoto_credential=info,hyper=info";
+
+/// The log filter: `RUST_LOG` when set (it wins, for debugging a service without editing its
+/// file), else the configuration's `[log] level`, else `info`.
+pub fn log_filter(configured: Option<&str>) -> tracing_subscriber::EnvFilter {
+    let env = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|v| !v.trim().is_empty());
+    let base = env.as_deref().or(configured).unwrap_or("info");
+    tracing_subscriber::EnvFilter::try_new(format!("{base},{QUIET}"))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("info,{QUIET}")))
+}
+
+/// Changes the level of the installed subscriber, for a configuration's `[log] level`.
+#[derive(Clone)]
+pub struct LogControl(
+    Option<
+        tracing_subscriber::reload::Handle<
+            tracing_subscriber::EnvFilter,
+            tracing_subscriber::Registry,
+        >,
+    >,
+);
+
+impl LogControl {
+    /// Applies `[log] level` (or its absence) unless `RUST_LOG` overrides it.
+    pub fn apply(&self, configured: Option<&str>) {
+        if let Some(h) = &self.0
+            && let Err(e) = h.reload(log_filter(configured))
+        {
+            warn!(error = %e, "cannot change the log level");
+        }
+    }
+}
+
 /// Installs the global log subscriber filtered by `filter`: to the journal (syslog
 /// identifier `nbd-rs`; structured fields such as `export` and `peer` become the journal
 /// fields `EXPORT` and `PEER`) when `JOURNAL_STREAM` says stderr is the journal, to stderr
-/// otherwise. Returns where logs go.
-pub fn init_logging(filter: tracing_subscriber::EnvFilter) -> LogSink {
+/// otherwise. Returns where logs go, and a handle to change the filter later.
+pub fn init_logging(filter: tracing_subscriber::EnvFilter) -> (LogSink, LogControl) {
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    let control = LogControl(Some(handle));
     let wanted = choose_sink(std::env::var("JOURNAL_STREAM").ok().as_deref());
     let mut journal_error = None;
     if wanted == LogSink::Journal {
@@ -361,19 +400,19 @@ pub fn init_logging(filter: tracing_subscriber::EnvFilter) -> LogSink {
                     .with(filter)
                     .with(layer)
                     .try_init();
-                return LogSink::Journal;
+                return (LogSink::Journal, control);
             }
             Err(e) => journal_error = Some(e),
         }
     }
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(io::stderr)
+    let _ = tracing_subscriber::registry()
+        .with(filter)
+        .with(tracing_subscriber::fmt::layer().with_writer(io::stderr))
         .try_init();
     if let Some(e) = journal_error {
         warn!(error = %e, "stderr is the journal but its socket cannot be reached: logging to stderr");
     }
-    LogSink::Stderr
+    (LogSink::Stderr, control)
 }
 
 #[cfg(test)]

@@ -527,3 +527,103 @@ print("ok")
     );
     assert!(s.stop().success());
 }
+
+#[test]
+fn bad_log_levels_are_reported_with_their_lines() {
+    let dir = Scratch::new("cfg-log");
+    let good = write(
+        &dir,
+        "good.toml",
+        "[log]\nlevel = \"info,nbd_rs::nbd=debug\"\n[exports.a]\npipeline = \"raw -> memory\"\nsize = \"1MiB\"\n",
+    );
+    let (code, _, err) = nbd_rs(&["check", "--config", &good], &[]);
+    assert_eq!(code, 0, "{err}");
+
+    let cfg = write(
+        &dir,
+        "bad.toml",
+        "[log]\nlevel = \"debgu\"\nformat = \"json\"\n[exports.a]\npipeline = \"raw -> memory\"\nsize = \"1MiB\"\n[logging]\nlevel = \"info\"\n",
+    );
+    let (code, out, err) = nbd_rs(&["check", "--config", &cfg], &[]);
+    assert_eq!(code, 1);
+    assert_eq!(out, "");
+    let mut got: Vec<&str> = err.lines().collect();
+    got.sort_unstable();
+    let mut want = vec![
+        format!(
+            "nbd-rs: error: {cfg}:2: key \"log.level\": bad log level \"debgu\": expected one of off, error, warn, info, debug, trace, or TARGET=LEVEL directives separated by commas (\"info,nbd_rs=debug\")"
+        ),
+        format!("nbd-rs: error: {cfg}:3: key \"log.format\": unknown key (known: level)"),
+        format!(
+            "nbd-rs: error: {cfg}:7: key \"logging\": unknown key (known: server, log, exports)"
+        ),
+        "nbd-rs: 3 problem(s) found".to_owned(),
+    ];
+    want.sort_unstable();
+    assert_eq!(got, want, "\n{err}");
+
+    let cfg = write(
+        &dir,
+        "directive.toml",
+        "[log]\nlevel = \"nbd_rs=loud\"\n[exports.a]\npipeline = \"raw -> memory\"\nsize = \"1MiB\"\n",
+    );
+    let (code, _, err) = nbd_rs(&["check", "--config", &cfg], &[]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains(&format!(
+            "{cfg}:2: key \"log.level\": bad log level \"nbd_rs=loud\": expected one of"
+        )),
+        "{err}"
+    );
+}
+
+/// `[log] level` sets the level at start and on reload; `RUST_LOG` overrides it.
+#[test]
+fn log_level_from_the_file_applies_and_reloads_unless_rust_log_is_set() {
+    let dir = Scratch::new("cfg-log-level");
+    let export = "[exports.a]\npipeline = \"raw -> memory\"\nsize = \"1MiB\"\n";
+    let cfg = write(
+        &dir,
+        "log.toml",
+        &format!("[log]\nlevel = \"debug\"\n{export}"),
+    );
+    let connect = |s: &Server| {
+        let out = run(
+            Command::new("nbdinfo").args(["--size", &s.uri("a")]),
+            Duration::from_secs(30),
+        );
+        assert!(out.status.success());
+        // The server logs the connection's end after the client has gone.
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    // `transmission started` is a debug line.
+    let s = Server::start_with_env(
+        &["--listen", "127.0.0.1:0", "--config", &cfg],
+        &[("RUST_LOG".into(), String::new())],
+    );
+    connect(&s);
+    assert!(s.log().contains("transmission started"), "{}", s.log());
+
+    // Back to info on reload.
+    std::fs::write(&cfg, format!("[log]\nlevel = \"info\"\n{export}")).unwrap();
+    common::signal(s.pid(), "HUP");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !s.log().contains("configuration reloaded") {
+        assert!(std::time::Instant::now() < deadline, "{}", s.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let before = s.log().matches("transmission started").count();
+    connect(&s);
+    assert_eq!(s.log().matches("transmission started").count(), before);
+    assert!(s.stop().success());
+
+    // RUST_LOG wins over the file.
+    std::fs::write(&cfg, format!("[log]\nlevel = \"debug\"\n{export}")).unwrap();
+    let s = Server::start_with_env(
+        &["--listen", "127.0.0.1:0", "--config", &cfg],
+        &[("RUST_LOG".into(), "info".into())],
+    );
+    connect(&s);
+    assert!(!s.log().contains("transmission started"), "{}", s.log());
+    assert!(s.stop().success());
+}

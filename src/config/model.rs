@@ -57,6 +57,8 @@ pub struct Config {
     pub default_export: Option<String>,
     /// The exports: the file's in name order, then the command line's.
     pub exports: Vec<ExportConfig>,
+    /// `[log] level`: a level, or filter directives (`RUST_LOG` overrides it).
+    pub log_level: Option<String>,
 }
 
 impl Default for Config {
@@ -65,6 +67,7 @@ impl Default for Config {
             listen: vec![ListenAddr::Tcp(DEFAULT_LISTEN.to_owned())],
             default_export: None,
             exports: Vec::new(),
+            log_level: None,
         }
     }
 }
@@ -321,6 +324,7 @@ fn from_dict(dict: &Dict, problems: &mut Vec<Problem>) -> Config {
     for (key, value) in dict {
         match key.as_str() {
             "server" => server(value, &mut config, problems),
+            "log" => log(value, &mut config, problems),
             "exports" => match value {
                 Value::Dict(_, exports) => {
                     for (name, v) in exports {
@@ -334,7 +338,10 @@ fn from_dict(dict: &Dict, problems: &mut Vec<Problem>) -> Config {
                     format!("expected a table of exports, found {}", type_name(other)),
                 )),
             },
-            _ => problems.push(Problem::at(&[key], "unknown key (known: server, exports)")),
+            _ => problems.push(Problem::at(
+                &[key],
+                "unknown key (known: server, log, exports)",
+            )),
         }
     }
     config
@@ -388,6 +395,62 @@ fn server(value: &Value, config: &mut Config, problems: &mut Vec<Problem>) {
             )),
         }
     }
+}
+
+/// The `[log]` table.
+fn log(value: &Value, config: &mut Config, problems: &mut Vec<Problem>) {
+    let Value::Dict(_, dict) = value else {
+        problems.push(Problem::at(
+            &["log"],
+            format!("expected a table, found {}", type_name(value)),
+        ));
+        return;
+    };
+    for (key, v) in dict {
+        let path = ["log", key.as_str()];
+        match (key.as_str(), v) {
+            ("level", Value::String(_, s)) => match check_log_level(s) {
+                Ok(()) => config.log_level = Some(s.trim().to_owned()),
+                Err(m) => problems.push(Problem::at(&path, m)),
+            },
+            ("level", other) => problems.push(Problem::at(
+                &path,
+                format!(
+                    "expected a level such as \"info\", found {}",
+                    type_name(other)
+                ),
+            )),
+            _ => problems.push(Problem::at(&path, "unknown key (known: level)")),
+        }
+    }
+}
+
+const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+
+/// A level (`debug`), or comma-separated directives each a level or `TARGET=LEVEL`
+/// (`info,nbd_rs::nbd=debug`). Stricter than `RUST_LOG`, where a misspelt level silently
+/// becomes a target name.
+fn check_log_level(s: &str) -> Result<(), String> {
+    let bad = |d: &str| {
+        format!(
+            "bad log level {d:?}: expected one of {}, or TARGET=LEVEL directives separated by commas (\"info,nbd_rs=debug\")",
+            LEVELS.join(", ")
+        )
+    };
+    if s.trim().is_empty() {
+        return Err(bad(s));
+    }
+    for d in s.split(',').map(str::trim) {
+        let level = match d.rsplit_once('=') {
+            Some((target, level)) if !target.is_empty() => level,
+            Some(_) => return Err(bad(d)),
+            None => d,
+        };
+        if !LEVELS.contains(&level.to_ascii_lowercase().as_str()) {
+            return Err(bad(d));
+        }
+    }
+    Ok(())
 }
 
 const EXPORT_KEYS: &str =

@@ -18,7 +18,9 @@ use super::proto::{
 };
 use super::wire::ReplyMode;
 use crate::block::DeviceInfo;
-use crate::export::{Export, ExportTable};
+use arc_swap::ArcSwap;
+
+use crate::export::{self, Export, ExportTable, Lease};
 
 /// Why a handshake ended without entering transmission.
 #[derive(Debug, thiserror::Error)]
@@ -66,10 +68,12 @@ pub enum Outcome {
 }
 
 /// What was agreed for the transmission phase.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Session {
     /// The chosen export.
     pub export: Arc<Export>,
+    /// The client's place among the export's clients, held until its last request is answered.
+    pub lease: Lease,
     /// Reply framing.
     pub mode: ReplyMode,
     /// The transmission flags sent to the client.
@@ -110,8 +114,9 @@ struct State {
     structured: bool,
     extended: bool,
     no_zeroes: bool,
-    /// The export `SET_META_CONTEXT` selected `base:allocation` for.
-    meta: Option<Arc<Export>>,
+    /// The export `SET_META_CONTEXT` selected `base:allocation` for, by name: a reload that
+    /// replaces the export in between keeps the selection.
+    meta: Option<String>,
 }
 
 impl State {
@@ -125,13 +130,14 @@ impl State {
         }
     }
 
-    fn session(&self, export: &Arc<Export>) -> Session {
+    fn session(&self, export: &Arc<Export>, lease: Lease) -> Session {
         let mode = self.mode();
         Session {
             export: Arc::clone(export),
+            lease,
             mode,
             flags: transmission_flags(export.device.info(), mode),
-            base_allocation: self.meta.as_ref().is_some_and(|m| Arc::ptr_eq(m, export)),
+            base_allocation: self.meta.as_ref().is_some_and(|m| *m == export.name),
         }
     }
 }
@@ -163,13 +169,17 @@ fn put_error(out: &mut BytesMut, option: u32, kind: u32, message: &str) {
     put_reply(out, option, kind, message.as_bytes());
 }
 
-/// Runs the handshake on a fresh connection. `buf` keeps whatever the client sent beyond the
-/// handshake, for the transmission phase.
+/// Runs the handshake on a fresh connection from `peer`. `buf` keeps whatever the client sent
+/// beyond the handshake, for the transmission phase.
+///
+/// Each option sees the table as it is when the option arrives; an option naming an export
+/// that a reload is replacing waits for its successor.
 pub async fn negotiate<R, W>(
     rd: &mut R,
     wr: &mut W,
     buf: &mut BytesMut,
-    exports: &ExportTable,
+    shared: &ArcSwap<ExportTable>,
+    peer: &str,
 ) -> Result<Outcome, HandshakeError>
 where
     R: AsyncRead + Unpin,
@@ -210,10 +220,29 @@ where
         fill(rd, buf, len as usize).await?;
         let data = buf.split_to(len as usize);
 
+        let exports = match option {
+            opt::EXPORT_NAME => export::settled(shared, &String::from_utf8_lossy(&data)).await,
+            opt::INFO | opt::GO | opt::LIST_META_CONTEXT | opt::SET_META_CONTEXT => {
+                let mut rest = &data[..];
+                match take_string(&mut rest) {
+                    Ok(name) => export::settled(shared, name).await,
+                    Err(_) => shared.load_full(),
+                }
+            }
+            _ => shared.load_full(),
+        };
         match option {
             opt::EXPORT_NAME => {
-                let export = export_name(&st, &data, exports)?;
-                let session = st.session(&export);
+                let mut table = exports;
+                let (export, lease) = loop {
+                    let export = export_name(&st, &data, &table)?;
+                    if let Some(lease) = export.lease(peer) {
+                        break (export, lease);
+                    }
+                    // Retired since the lookup: look again once its successor is in the table.
+                    table = export::settled(shared, &String::from_utf8_lossy(&data)).await;
+                };
+                let session = st.session(&export, lease);
                 out.put_u64(export.device.info().size);
                 out.put_u16(session.flags);
                 if !st.no_zeroes {
@@ -265,11 +294,24 @@ where
                 }
             }
             opt::INFO | opt::GO => {
-                if let Some(export) = info_or_go(&mut out, &st, option, &data, exports)
-                    && option == opt::GO
-                {
-                    wr.write_all(&out).await?;
-                    return Ok(Outcome::Transmission(st.session(&export)));
+                let mut table = exports;
+                loop {
+                    let Some(export) = info_or_go(&mut out, &st, option, &data, &table) else {
+                        break;
+                    };
+                    if option != opt::GO {
+                        break;
+                    }
+                    if let Some(lease) = export.lease(peer) {
+                        wr.write_all(&out).await?;
+                        return Ok(Outcome::Transmission(st.session(&export, lease)));
+                    }
+                    // Retired between the lookup and now: answer again once its successor is
+                    // in the table.
+                    out.clear();
+                    let mut rest = &data[..];
+                    let name = take_string(&mut rest).unwrap_or_default();
+                    table = export::settled(shared, name).await;
                 }
             }
             opt::STRUCTURED_REPLY => {
@@ -306,7 +348,7 @@ where
                 }
             }
             opt::LIST_META_CONTEXT | opt::SET_META_CONTEXT => {
-                meta_context(&mut out, &mut st, option, &data, exports);
+                meta_context(&mut out, &mut st, option, &data, &exports);
             }
             _ => put_error(&mut out, option, rep::ERR_UNSUP, "unknown option"),
         }
@@ -503,7 +545,7 @@ fn meta_context(
         d.put_slice(BASE_ALLOCATION.as_bytes());
         put_reply(out, option, rep::META_CONTEXT, &d);
         if set {
-            st.meta = Some(Arc::clone(export));
+            st.meta = Some(export.name.clone());
         }
     }
     put_reply(out, option, rep::ACK, &[]);

@@ -5,8 +5,10 @@ pub mod proto;
 pub mod transmission;
 pub mod wire;
 
-use std::time::Instant;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::CancellationToken;
@@ -16,13 +18,18 @@ use crate::export::ExportTable;
 use handshake::{HandshakeError, Outcome};
 use transmission::End;
 
+/// How long a connection told to stop (server shutdown, or its export reloaded or removed)
+/// has to finish the requests it has sent before it is cut: a client that stalls in the middle
+/// of a request, or stops reading replies, must not hold up a reload or a stop for ever.
+pub const DRAIN_GRACE: Duration = Duration::from_secs(30);
+
 /// Serves one client connection from greeting to close. Never panics on client input; every
 /// outcome is logged as one line.
 pub async fn serve_connection<R, W>(
     mut rd: R,
     mut wr: W,
     peer: &str,
-    exports: &ExportTable,
+    exports: &ArcSwap<ExportTable>,
     shutdown: CancellationToken,
 ) where
     R: AsyncRead + Unpin + Send,
@@ -36,7 +43,7 @@ pub async fn serve_connection<R, W>(
             debug!(peer, "closing connection in handshake: server shutting down");
             return;
         }
-        o = handshake::negotiate(&mut rd, &mut wr, &mut buf, exports) => o,
+        o = handshake::negotiate(&mut rd, &mut wr, &mut buf, exports, peer) => o,
     };
     let session = match outcome {
         Ok(Outcome::Transmission(s)) => s,
@@ -53,7 +60,7 @@ pub async fn serve_connection<R, W>(
             return;
         }
     };
-    let _lease = session.export.lease(peer);
+    let retiring = Arc::clone(&session.export);
     let export = session.export.name.clone();
     let mode = session.mode;
     debug!(
@@ -63,14 +70,42 @@ pub async fn serve_connection<R, W>(
         flags = session.flags,
         "transmission started"
     );
-    let (result, stats) = transmission::serve(rd, wr, buf, session, shutdown).await;
+    // Stop on shutdown or when the export is retired; cut the connection if it has not
+    // finished its requests within the grace period.
+    let (stop, cut, done) = (
+        CancellationToken::new(),
+        CancellationToken::new(),
+        CancellationToken::new(),
+    );
+    tokio::spawn({
+        let (stop, cut, done) = (stop.clone(), cut.clone(), done.clone());
+        let draining = retiring.draining().clone();
+        async move {
+            tokio::select! {
+                _ = shutdown.cancelled() => {}
+                _ = draining.cancelled() => {}
+                _ = done.cancelled() => return,
+            }
+            stop.cancel();
+            tokio::select! {
+                _ = tokio::time::sleep(DRAIN_GRACE) => cut.cancel(),
+                _ = done.cancelled() => {}
+            }
+        }
+    });
+    let _done = done.drop_guard();
+    let (result, stats) = transmission::serve(rd, wr, buf, session, stop, cut).await;
     let secs = started.elapsed().as_secs_f64();
     match result {
         Ok(end) => {
             let how = match end {
                 End::Disconnect => "client disconnected",
                 End::ClientGone => "client closed the connection without NBD_CMD_DISC",
+                End::Shutdown if retiring.is_retired() => {
+                    "connection closed: its export was reloaded or removed"
+                }
                 End::Shutdown => "connection closed for server shutdown",
+                End::Cut => "connection cut: requests unfinished when the grace period ended",
             };
             info!(
                 peer,

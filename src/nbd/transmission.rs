@@ -40,8 +40,10 @@ pub enum End {
     Disconnect,
     /// The client closed the socket without NBD_CMD_DISC.
     ClientGone,
-    /// The server is shutting down.
+    /// The server is shutting down, or the export was retired.
     Shutdown,
+    /// Told to stop, the client did not let its requests finish in time.
+    Cut,
 }
 
 /// Why a transmission phase ended abnormally.
@@ -109,33 +111,41 @@ enum Op {
 type Refusal = (u32, &'static str);
 
 /// Serves requests until the client disconnects or `shutdown` fires. Requests in flight are
-/// always finished and answered before returning.
+/// finished and answered before returning, unless `cut` fires first: then the connection is
+/// dropped at once (requests already running still finish against the device, unanswered).
 pub async fn serve<R, W>(
     mut rd: R,
     wr: W,
     mut buf: BytesMut,
     session: Session,
     shutdown: CancellationToken,
+    cut: CancellationToken,
 ) -> (Result<End, TransmissionError>, Stats)
 where
     R: AsyncRead + Unpin + Send,
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let (tx, rx) = mpsc::unbounded_channel();
-    let writer = tokio::spawn(write_loop(wr, rx));
+    let mut writer = tokio::spawn(write_loop(wr, rx));
     let budget = Arc::new(Semaphore::new(BUDGET_UNITS as usize));
     let session = Arc::new(session);
     let mut stats = Stats::default();
 
-    let result = read_loop(
-        &mut rd, &mut buf, &session, &tx, &budget, &shutdown, &mut stats,
-    )
-    .await;
+    let result = tokio::select! {
+        r = read_loop(&mut rd, &mut buf, &session, &tx, &budget, &shutdown, &mut stats) => r,
+        _ = cut.cancelled() => Ok(End::Cut),
+    };
     // Dropping our sender lets the writer finish once every running request has answered.
     drop(tx);
-    let written = match writer.await {
-        Ok(r) => r,
-        Err(join) => Err(io::Error::other(join.to_string())),
+    let written = tokio::select! {
+        w = &mut writer => match w {
+            Ok(r) => r,
+            Err(join) => Err(io::Error::other(join.to_string())),
+        },
+        _ = cut.cancelled() => {
+            writer.abort();
+            return (Ok(End::Cut), stats);
+        }
     };
     let result = match (result, written) {
         (Ok(end), Ok(())) => Ok(end),

@@ -30,12 +30,13 @@ impl Server {
         Server::start_with_env(&full, &[])
     }
 
-    /// Starts `nbd-rs ARGS...` with extra environment variables and waits until it listens.
+    /// Starts `nbd-rs ARGS...` with extra environment variables (over `RUST_LOG=info`; an empty
+    /// `RUST_LOG` counts as unset) and waits until it listens.
     pub fn start_with_env(full: &[&str], env: &[(String, String)]) -> Server {
         let mut child = Command::new(bin())
             .args(full)
-            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .env("RUST_LOG", "info")
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -356,8 +357,8 @@ impl Server {
     pub fn spawn_unwaited(full: &[&str], env: &[(String, String)], addr: &str) -> Server {
         let mut child = Command::new(bin())
             .args(full)
-            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .env("RUST_LOG", "info")
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
