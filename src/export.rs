@@ -5,6 +5,7 @@
 //! asking for it meanwhile wait until the table holds its successor (or no longer holds the
 //! name), so that two pipelines never serve the same storage at once.
 
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -13,6 +14,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::block::{BlockDevice, BlockSizes};
+use crate::config::model::{Allowed, Limits};
 
 /// A block device served under a name.
 #[derive(Debug)]
@@ -26,8 +28,21 @@ pub struct Export {
     /// The constraints advertised to clients and enforced on their requests: the
     /// configuration's, or the device's own.
     pub block_sizes: BlockSizes,
+    /// Who may see and use it (`None`: everyone): addresses and networks.
+    pub allow: Option<Vec<Allowed>>,
+    /// Who may see and use it (`None`: everyone): names in the client's certificate.
+    pub allow_names: Option<Vec<String>>,
     /// The clients connected to it now.
     pub clients: Clients,
+}
+
+/// Who a client is, for allow lists.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClientId {
+    /// Its address (`None`: a Unix-socket client).
+    pub addr: Option<IpAddr>,
+    /// The names its TLS certificate vouches for (empty without one).
+    pub names: Vec<String>,
 }
 
 /// The clients of an export in the transmission phase, for reloads: who they are, when the
@@ -68,6 +83,20 @@ impl Drop for Lease {
 }
 
 impl Export {
+    /// True if `client` may see and use this export: it matches the address list and the
+    /// certificate name list, each when set.
+    pub fn admits(&self, client: &ClientId) -> bool {
+        let by_addr = self
+            .allow
+            .as_ref()
+            .is_none_or(|l| l.iter().any(|a| a.matches(client.addr)));
+        let by_name = self
+            .allow_names
+            .as_ref()
+            .is_none_or(|l| l.iter().any(|n| client.names.contains(n)));
+        by_addr && by_name
+    }
+
     /// Records a client until the returned lease is dropped; `None` once the export is retired.
     pub fn lease(self: &Arc<Self>, peer: &str) -> Option<Lease> {
         let mut st = self.clients.state.lock().unwrap_or_else(|e| e.into_inner());
@@ -148,10 +177,25 @@ pub async fn settled(shared: &ArcSwap<ExportTable>, name: &str) -> Arc<ExportTab
 /// The exports a server offers, in the order they were declared. The first one is also served
 /// under the empty name `""`, which clients such as `nbdinfo nbd://host` ask for, unless
 /// another default is named.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct ExportTable {
     exports: Vec<Arc<Export>>,
     default: Option<String>,
+    /// When set, clients must start TLS before anything else.
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
+    /// Handshake and idle timeouts.
+    pub limits: Limits,
+}
+
+impl std::fmt::Debug for ExportTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExportTable")
+            .field("exports", &self.exports)
+            .field("default", &self.default)
+            .field("tls", &self.tls.is_some())
+            .field("limits", &self.limits)
+            .finish()
+    }
 }
 
 impl ExportTable {
@@ -159,8 +203,25 @@ impl ExportTable {
     pub fn new(exports: Vec<Arc<Export>>) -> Self {
         ExportTable {
             exports,
-            default: None,
+            ..ExportTable::default()
         }
+    }
+
+    /// Requires TLS of every client, with this acceptor.
+    pub fn with_tls(mut self, tls: Option<tokio_rustls::TlsAcceptor>) -> Self {
+        self.tls = tls;
+        self
+    }
+
+    /// Sets the timeouts.
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// The export `client` gets when asking for `name`: none if it may not see it.
+    pub fn get_for(&self, name: &str, client: &ClientId) -> Option<&Arc<Export>> {
+        self.get(name).filter(|e| e.admits(client))
     }
 
     /// Makes `name` the export the empty name selects (instead of the first).
@@ -208,6 +269,8 @@ mod tests {
             description: String::new(),
             block_sizes: device.info().block_sizes,
             device,
+            allow: None,
+            allow_names: None,
             clients: Clients::default(),
         })
     }

@@ -23,3 +23,4 @@ pub mod server;
 pub mod store;
 pub mod supervisor;
 pub mod systemd;
+pub mod tls;

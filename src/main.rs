@@ -103,7 +103,15 @@ async fn check(args: ServeArgs) -> ExitCode {
         state_dir: BuildContext::state_dir_from_env(),
     };
     match supervisor::configure(&args, &ctx).await {
-        Ok((config, built)) => {
+        Ok(supervisor::Configured {
+            config,
+            built,
+            warnings,
+            ..
+        }) => {
+            for w in &warnings {
+                eprintln!("nbd-rs: warning: {w}");
+            }
             let source = args
                 .config
                 .as_ref()
@@ -150,7 +158,12 @@ async fn serve(args: ServeArgs, activated: Option<ListenFds>, log: LogControl) -
         dry_run: false,
         state_dir: BuildContext::state_dir_from_env(),
     };
-    let (config, built) = match supervisor::configure(&args, &ctx).await {
+    let supervisor::Configured {
+        config,
+        built,
+        tls,
+        warnings,
+    } = match supervisor::configure(&args, &ctx).await {
         Ok(c) => c,
         Err(lines) => {
             report(&lines);
@@ -158,6 +171,9 @@ async fn serve(args: ServeArgs, activated: Option<ListenFds>, log: LogControl) -
         }
     };
     log.apply(config.log_level.as_deref());
+    for w in &warnings {
+        warn!("{w}");
+    }
     let mut exports = Vec::with_capacity(built.len());
     for (e, b) in config.exports.iter().zip(built) {
         match supervisor::export(e, b) {
@@ -169,7 +185,10 @@ async fn serve(args: ServeArgs, activated: Option<ListenFds>, log: LogControl) -
         }
     }
     let exports = Arc::new(ArcSwap::from_pointee(
-        ExportTable::new(exports).with_default(config.default_export.clone()),
+        ExportTable::new(exports)
+            .with_default(config.default_export.clone())
+            .with_tls(tls)
+            .with_limits(config.limits),
     ));
     let supervisor = Arc::new(Supervisor::new(
         args.clone(),
@@ -219,7 +238,14 @@ async fn serve(args: ServeArgs, activated: Option<ListenFds>, log: LogControl) -
     systemd::ready(&systemd::serving_status(&exports.load()));
     let liveness = server::Liveness::new();
     let _watchdog = systemd::spawn_watchdog(liveness.clone(), shutdown.clone());
-    server::run_watched(listeners, Arc::clone(&exports), shutdown, liveness).await;
+    server::run_watched(
+        listeners,
+        Arc::clone(&exports),
+        shutdown,
+        liveness,
+        config.limits.max_connections,
+    )
+    .await;
     supervisor.stop().await;
 
     let mut status = ExitCode::SUCCESS;

@@ -14,13 +14,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+use crate::config::model::Limits;
 use crate::export::ExportTable;
 use crate::nbd;
 
 /// The default listen address, as the NBD port is registered with IANA.
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:10809";
-/// Connections served at once; more wait in the kernel's backlog.
-pub const MAX_CONNECTIONS: usize = 4096;
 
 /// Where to listen.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -239,7 +238,8 @@ impl Beat {
 /// Serves `exports` on `listeners` until `shutdown` fires, then waits for every connection to
 /// finish its requests in flight.
 pub async fn run(listeners: Vec<Listener>, exports: SharedExports, shutdown: CancellationToken) {
-    run_watched(listeners, exports, shutdown, Liveness::new()).await;
+    let max = Limits::default().max_connections;
+    run_watched(listeners, exports, shutdown, Liveness::new(), max).await;
 }
 
 /// [`run`], with every accept loop answering `liveness`'s probes while it runs.
@@ -248,9 +248,11 @@ pub async fn run_watched(
     exports: SharedExports,
     shutdown: CancellationToken,
     liveness: Liveness,
+    max_connections: usize,
 ) {
     let tracker = TaskTracker::new();
-    let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    // Connections served at once; more wait in the kernel's backlog until one ends.
+    let limit = Arc::new(Semaphore::new(max_connections));
     let mut loops = Vec::new();
     for l in listeners {
         info!("listening on {}", l.local_addr());
@@ -316,13 +318,11 @@ async fn accept_loop(
         let shutdown = shutdown.clone();
         tracker.spawn(async move {
             match conn {
-                Conn::Tcp(s) => {
-                    let (rd, wr) = s.into_split();
-                    nbd::serve_connection(rd, wr, &peer, &exports, shutdown).await;
+                Conn::Tcp(s, addr) => {
+                    nbd::serve_connection(s, &peer, Some(addr), &exports, shutdown).await;
                 }
                 Conn::Unix(s) => {
-                    let (rd, wr) = s.into_split();
-                    nbd::serve_connection(rd, wr, &peer, &exports, shutdown).await;
+                    nbd::serve_connection(s, &peer, None, &exports, shutdown).await;
                 }
             }
             drop(permit);
@@ -339,8 +339,19 @@ async fn accept_loop(
 }
 
 enum Conn {
-    Tcp(tokio::net::TcpStream),
+    Tcp(tokio::net::TcpStream, std::net::IpAddr),
     Unix(tokio::net::UnixStream),
+}
+
+/// TCP keepalive after a minute of silence, so that a client that vanished (a host powered
+/// off) is noticed within about two minutes even when no idle timeout is set: an NBD client
+/// with nothing to do sends nothing for hours, and that alone must not close it.
+fn keepalive(s: &tokio::net::TcpStream) {
+    use rustix::net::sockopt;
+    let _ = sockopt::set_socket_keepalive(s, true);
+    let _ = sockopt::set_tcp_keepidle(s, Duration::from_secs(60));
+    let _ = sockopt::set_tcp_keepintvl(s, Duration::from_secs(10));
+    let _ = sockopt::set_tcp_keepcnt(s, 6);
 }
 
 async fn accept(l: &Listener) -> io::Result<(Conn, String)> {
@@ -350,7 +361,8 @@ async fn accept(l: &Listener) -> io::Result<(Conn, String)> {
             // Replies are written whole; waiting to coalesce them only adds latency. A socket
             // that refuses the option still works.
             let _ = s.set_nodelay(true);
-            Ok((Conn::Tcp(s), peer.to_string()))
+            keepalive(&s);
+            Ok((Conn::Tcp(s, peer.ip()), peer.to_string()))
         }
         Listener::Unix { listener, path, .. } => {
             let (s, _) = listener.accept().await?;

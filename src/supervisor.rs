@@ -36,13 +36,22 @@ use crate::export::{Export, ExportTable};
 use crate::pipeline::{self, BuildContext, Built};
 use crate::server::SharedExports;
 
+/// A checked configuration, its exports built (or, in a dry run, checked) and its TLS set up.
+pub struct Configured {
+    /// The configuration.
+    pub config: Config,
+    /// One per export, in order.
+    pub built: Vec<Built>,
+    /// The TLS acceptor, when `[server.tls]` is set.
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
+    /// Things that work but should be fixed (a world-readable private key).
+    pub warnings: Vec<String>,
+}
+
 /// Loads the file and the environment, merges the command line over them, checks the result
 /// and builds (or, with `ctx.dry_run`, checks) every export. Every problem found anywhere is
 /// returned together, each rendered with its place.
-pub async fn configure(
-    args: &ServeArgs,
-    ctx: &BuildContext,
-) -> Result<(Config, Vec<Built>), Vec<String>> {
+pub async fn configure(args: &ServeArgs, ctx: &BuildContext) -> Result<Configured, Vec<String>> {
     let (mut config, mut problems, mut locator) = model::load(args.config.as_deref());
     let cli_exports = match parse_exports(&args.export_triples()) {
         Ok(e) => e,
@@ -56,6 +65,20 @@ pub async fn configure(
         }
     }
     model::check_whole(&config, &mut problems);
+    let mut tls = None;
+    let mut warnings = Vec::new();
+    if let Some(settings) = &config.tls {
+        match crate::tls::acceptor(settings) {
+            Ok((a, w)) => {
+                tls = Some(a);
+                warnings = w;
+            }
+            Err(ps) => problems.extend(
+                ps.into_iter()
+                    .map(|p| model::Problem::at(&["server", "tls", p.key], p.message)),
+            ),
+        }
+    }
     if config.exports.is_empty() && problems.is_empty() {
         return Err(vec![match &args.config {
             Some(p) => format!(
@@ -83,7 +106,12 @@ pub async fn configure(
         return Err(locator.render_all(&problems).0);
     }
     if ctx.dry_run {
-        return Ok((config, built));
+        return Ok(Configured {
+            config,
+            built,
+            tls,
+            warnings,
+        });
     }
     built.clear();
     for e in &config.exports {
@@ -93,7 +121,12 @@ pub async fn configure(
         }
     }
     if problems.is_empty() {
-        Ok((config, built))
+        Ok(Configured {
+            config,
+            built,
+            tls,
+            warnings,
+        })
     } else {
         Err(locator.render_all(&problems).0)
     }
@@ -125,6 +158,8 @@ pub fn export(e: &ExportConfig, b: Built) -> Result<Arc<Export>, String> {
         description: e.description.clone(),
         device,
         block_sizes,
+        allow: e.allow.clone(),
+        allow_names: e.allow_names.clone(),
         clients: Default::default(),
     }))
 }
@@ -220,7 +255,21 @@ impl Supervisor {
             dry_run: true,
             ..self.ctx.clone()
         };
-        let (next, checked) = configure(&self.args, &dry).await?;
+        let Configured {
+            config: next,
+            built: checked,
+            tls,
+            warnings,
+        } = configure(&self.args, &dry).await?;
+        for w in &warnings {
+            warn!("{w}");
+        }
+        if next.limits.max_connections != current.limits.max_connections {
+            warn!(
+                "max_connections cannot change while running: restart nbd-rs to apply {}",
+                next.limits.max_connections
+            );
+        }
         if next.listen != current.listen {
             let listen: Vec<String> = next.listen.iter().map(ToString::to_string).collect();
             warn!(
@@ -353,7 +402,10 @@ impl Supervisor {
             }
         }
         self.table.store(Arc::new(
-            ExportTable::new(exports).with_default(next.default_export.clone()),
+            ExportTable::new(exports)
+                .with_default(next.default_export.clone())
+                .with_tls(tls)
+                .with_limits(next.limits),
         ));
         // Clients waiting for retired exports look again: they find the successors, or no
         // export by that name.

@@ -150,7 +150,7 @@ pipeline = "raw -> floppy"
             "nbd-rs: error: {cfg}:10: export \"b\", key \"pipeline\": pipeline \"sharded -> cache -> file\": \"cache\" cannot stand between the layout and the store: only store wrappers (retry, fault) can"
         ),
         format!(
-            "nbd-rs: error: {cfg}:15: export \"c\", key \"sise\": unknown key (known: pipeline, size, description, read_only, block_size, and a table per stage)"
+            "nbd-rs: error: {cfg}:15: export \"c\", key \"sise\": unknown key (known: pipeline, size, description, read_only, block_size, allow, allow_names, and a table per stage)"
         ),
         format!(
             "nbd-rs: error: {cfg}:16: export \"c\", stage \"cache\": this table configures a stage that the pipeline \"raw -> memory\" does not use"
@@ -168,7 +168,7 @@ pipeline = "raw -> floppy"
             "nbd-rs: error: {cfg}:2: key \"server.listen\": bad listen address \"nowhere\": expected HOST:PORT (like 0.0.0.0:10809) or unix:PATH"
         ),
         format!(
-            "nbd-rs: error: {cfg}:3: key \"server.colour\": unknown key (known: listen, default_export)"
+            "nbd-rs: error: {cfg}:3: key \"server.colour\": unknown key (known: listen, default_export, max_connections, handshake_timeout, idle_timeout, tls)"
         ),
         format!(
             "nbd-rs: error: {cfg}:24: export \"d\", stage \"sharded\", key \"chunks\": unknown key (known: chunk_size, name)"

@@ -264,6 +264,8 @@ pub fn parse_export(name: &str, driver: &str, conn: &str) -> Result<ExportConfig
         read_only,
         block_sizes: None,
         params,
+        allow: None,
+        allow_names: None,
         origin: Origin::CommandLine,
     })
 }

@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use figment::Figment;
 use figment::providers::{Env, Format, Toml};
@@ -17,6 +18,7 @@ use super::size::parse_size;
 use crate::block::{BlockSizes, MAX_PAYLOAD};
 use crate::registry;
 use crate::server::{DEFAULT_LISTEN, ListenAddr};
+use crate::tls::TlsSettings;
 
 /// Where an export was declared.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,7 +30,7 @@ pub enum Origin {
 }
 
 /// One export: a name, a pipeline and the parameters of its stages.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Clone, PartialEq)]
 pub struct ExportConfig {
     /// The name clients ask for.
     pub name: String,
@@ -44,8 +46,96 @@ pub struct ExportConfig {
     pub block_sizes: Option<BlockSizes>,
     /// Each stage's parameter table, by stage name (absent: defaults).
     pub params: BTreeMap<String, Value>,
+    /// Who may see and use it (absent: everyone): client addresses and networks.
+    pub allow: Option<Vec<Allowed>>,
+    /// Who may see and use it (absent: everyone): names in the client's certificate.
+    pub allow_names: Option<Vec<String>>,
     /// Where it was declared.
     pub origin: Origin,
+}
+
+/// Stage parameters are left out: they may hold an S3 secret.
+impl fmt::Debug for ExportConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ExportConfig")
+            .field("name", &self.name)
+            .field("pipeline", &self.pipeline.to_string())
+            .field("size", &self.size)
+            .field("description", &self.description)
+            .field("read_only", &self.read_only)
+            .field("block_sizes", &self.block_sizes)
+            .field("params", &self.params.keys().collect::<Vec<_>>())
+            .field("allow", &self.allow)
+            .field("allow_names", &self.allow_names)
+            .field("origin", &self.origin)
+            .finish()
+    }
+}
+
+/// An entry of an export's `allow` list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Allowed {
+    /// An address or a network: `192.0.2.7`, `10.0.0.0/8`, `::1`, `fd00::/8`.
+    Net(ipnet::IpNet),
+    /// Every client of a Unix socket: `"unix"`.
+    Unix,
+}
+
+impl Allowed {
+    /// Parses an `allow` entry.
+    pub fn parse(s: &str) -> Result<Allowed, String> {
+        let t = s.trim();
+        if t == "unix" {
+            return Ok(Allowed::Unix);
+        }
+        if let Ok(n) = t.parse::<ipnet::IpNet>() {
+            return Ok(Allowed::Net(n.trunc()));
+        }
+        if let Ok(a) = t.parse::<std::net::IpAddr>() {
+            return Ok(Allowed::Net(ipnet::IpNet::from(a)));
+        }
+        Err(format!(
+            "bad allow entry {s:?}: expected an address (192.0.2.7, ::1), a network (10.0.0.0/8, fd00::/8) or \"unix\""
+        ))
+    }
+
+    /// True if a client at `addr` (`None`: a Unix-socket client) matches.
+    pub fn matches(&self, addr: Option<std::net::IpAddr>) -> bool {
+        match (self, addr) {
+            (Allowed::Unix, None) => true,
+            (Allowed::Net(n), Some(a)) => n.contains(&canonical(a)),
+            _ => false,
+        }
+    }
+}
+
+/// An IPv4 client seen through an IPv6 socket (`::ffff:192.0.2.7`) is matched as IPv4.
+fn canonical(a: std::net::IpAddr) -> std::net::IpAddr {
+    match a {
+        std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(a, std::net::IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+/// `[server]` limits on clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Connections served at once; more wait in the listen backlog.
+    pub max_connections: usize,
+    /// A client that has not finished the handshake by then is disconnected.
+    pub handshake_timeout: Duration,
+    /// A connection with no request for this long is closed (`None`: never).
+    pub idle_timeout: Option<Duration>,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 1024,
+            handshake_timeout: Duration::from_secs(30),
+            idle_timeout: None,
+        }
+    }
 }
 
 /// The whole configuration.
@@ -59,6 +149,10 @@ pub struct Config {
     pub exports: Vec<ExportConfig>,
     /// `[log] level`: a level, or filter directives (`RUST_LOG` overrides it).
     pub log_level: Option<String>,
+    /// `[server.tls]`: when set, every client must use TLS.
+    pub tls: Option<TlsSettings>,
+    /// `[server]` limits.
+    pub limits: Limits,
 }
 
 impl Default for Config {
@@ -68,6 +162,8 @@ impl Default for Config {
             default_export: None,
             exports: Vec::new(),
             log_level: None,
+            tls: None,
+            limits: Limits::default(),
         }
     }
 }
@@ -389,10 +485,113 @@ fn server(value: &Value, config: &mut Config, problems: &mut Vec<Problem>) {
                     format!("expected an export name, found {}", type_name(other)),
                 )),
             },
+            "tls" => tls(v, config, problems),
+            "max_connections" => match v.to_num().and_then(|n| n.to_i128()) {
+                Some(n) if (1..=65536).contains(&n) => config.limits.max_connections = n as usize,
+                _ => problems.push(Problem::at(
+                    &path,
+                    format!("expected a number of connections from 1 to 65536, found {}", show(v)),
+                )),
+            },
+            "handshake_timeout" => match duration(v) {
+                Ok(d) if !d.is_zero() => config.limits.handshake_timeout = d,
+                Ok(_) => problems.push(Problem::at(
+                    &path,
+                    "a handshake timeout cannot be 0: a client that never finishes its handshake would hold its connection for ever",
+                )),
+                Err(e) => problems.push(Problem::at(&path, e)),
+            },
+            "idle_timeout" => match duration(v) {
+                Ok(d) => config.limits.idle_timeout = (!d.is_zero()).then_some(d),
+                Err(e) => problems.push(Problem::at(&path, e)),
+            },
             _ => problems.push(Problem::at(
                 &path,
-                "unknown key (known: listen, default_export)",
+                "unknown key (known: listen, default_export, max_connections, handshake_timeout, idle_timeout, tls)",
             )),
+        }
+    }
+}
+
+/// A value shown in a message: strings as written, other values by their kind.
+fn show(v: &Value) -> String {
+    match v {
+        Value::String(_, s) => format!("{s:?}"),
+        Value::Num(_, n) => n
+            .to_i128()
+            .map_or_else(|| type_name(v).to_owned(), |n| n.to_string()),
+        other => type_name(other).to_owned(),
+    }
+}
+
+/// A duration such as `"30s"`; `0` or `"0"` for none.
+fn duration(v: &Value) -> Result<Duration, String> {
+    match v {
+        Value::String(_, s) if s.trim() == "0" => Ok(Duration::ZERO),
+        Value::String(_, s) => crate::block::retry::parse_duration(s),
+        Value::Num(_, n) if n.to_i128() == Some(0) => Ok(Duration::ZERO),
+        other => Err(format!(
+            "expected a duration like \"30s\", found {}",
+            show(other)
+        )),
+    }
+}
+
+/// The `[server.tls]` table.
+fn tls(value: &Value, config: &mut Config, problems: &mut Vec<Problem>) {
+    let Value::Dict(_, dict) = value else {
+        problems.push(Problem::at(
+            &["server", "tls"],
+            format!("expected a table, found {}", type_name(value)),
+        ));
+        return;
+    };
+    let mut certificate = None;
+    let mut key = None;
+    let mut client_ca = None;
+    for (k, v) in dict {
+        let path = ["server", "tls", k.as_str()];
+        let slot = match k.as_str() {
+            "certificate" => &mut certificate,
+            "key" => &mut key,
+            "client_ca" => &mut client_ca,
+            _ => {
+                problems.push(Problem::at(
+                    &path,
+                    "unknown key (known: certificate, key, client_ca)",
+                ));
+                continue;
+            }
+        };
+        match v {
+            Value::String(_, s) if !s.is_empty() => *slot = Some(PathBuf::from(s)),
+            other => problems.push(Problem::at(
+                &path,
+                format!("expected a file path, found {}", show(other)),
+            )),
+        }
+    }
+    let mut missing = |k: &str| {
+        problems.push(Problem::at(
+            &["server", "tls"],
+            format!("missing key {k:?}: TLS needs a certificate and its private key"),
+        ));
+    };
+    match (certificate, key) {
+        (Some(certificate), Some(key)) => {
+            config.tls = Some(TlsSettings {
+                certificate,
+                key,
+                client_ca,
+            });
+        }
+        (c, k) => {
+            if c.is_none() && !dict.contains_key("certificate") {
+                missing("certificate");
+            }
+            if k.is_none() && !dict.contains_key("key") {
+                missing("key");
+            }
         }
     }
 }
@@ -454,7 +653,26 @@ fn check_log_level(s: &str) -> Result<(), String> {
 }
 
 const EXPORT_KEYS: &str =
-    "pipeline, size, description, read_only, block_size, and a table per stage";
+    "pipeline, size, description, read_only, block_size, allow, allow_names, and a table per stage";
+
+/// A list of strings, or one string.
+fn strings(v: &Value, path: &[&str], what: &str, problems: &mut Vec<Problem>) -> Vec<String> {
+    let items: Vec<&Value> = match v {
+        Value::Array(_, a) => a.iter().collect(),
+        one => vec![one],
+    };
+    let mut out = Vec::new();
+    for item in items {
+        match item {
+            Value::String(_, s) => out.push(s.clone()),
+            other => problems.push(Problem::at(
+                path,
+                format!("expected {what} as strings, found {}", type_name(other)),
+            )),
+        }
+    }
+    out
+}
 
 /// Parses `block_size = { minimum = 512, preferred = "4KiB", maximum = "1MiB" }`, checked
 /// against the NBD rules: powers of two, minimum at most 64 KiB, preferred at least 512 and the
@@ -545,6 +763,8 @@ fn export(name: &str, value: &Value, problems: &mut Vec<Problem>) -> Option<Expo
     let mut read_only = false;
     let mut sizes = None;
     let mut params = BTreeMap::new();
+    let mut allow = None;
+    let mut allow_names = None;
     for (key, v) in dict {
         let path = ["exports", name, key.as_str()];
         match key.as_str() {
@@ -580,6 +800,26 @@ fn export(name: &str, value: &Value, problems: &mut Vec<Problem>) -> Option<Expo
                 )),
             },
             "block_size" => sizes = block_sizes(v, &path, problems),
+            "allow" => {
+                let mut list = Vec::new();
+                for entry in strings(v, &path, "addresses", problems) {
+                    match Allowed::parse(&entry) {
+                        Ok(a) => list.push(a),
+                        Err(e) => problems.push(Problem::at(&path, e)),
+                    }
+                }
+                allow = Some(list);
+            }
+            "allow_names" => {
+                let names = strings(v, &path, "certificate names", problems);
+                if names.iter().any(|n| n.trim().is_empty()) {
+                    problems.push(Problem::at(
+                        &path,
+                        "an empty certificate name matches nothing",
+                    ));
+                }
+                allow_names = Some(names);
+            }
             stage if registry::stage(stage).is_some() => {
                 if matches!(v, Value::Dict(..)) {
                     params.insert(stage.to_owned(), v.clone());
@@ -637,6 +877,8 @@ fn export(name: &str, value: &Value, problems: &mut Vec<Problem>) -> Option<Expo
         read_only,
         block_sizes: sizes,
         params,
+        allow,
+        allow_names,
         origin: Origin::File,
     })
 }
@@ -662,8 +904,18 @@ pub fn apply_cli(
     }
 }
 
-/// Checks what needs the whole config: the default export exists, names are unique.
+/// Checks what needs the whole config: the default export exists, names are unique, and
+/// certificate name lists have client certificates to match.
 pub fn check_whole(config: &Config, problems: &mut Vec<Problem>) {
+    let client_certs = config.tls.as_ref().is_some_and(|t| t.client_ca.is_some());
+    for e in &config.exports {
+        if e.allow_names.is_some() && !client_certs {
+            problems.push(Problem::at(
+                &["exports", e.name.as_str(), "allow_names"],
+                "certificate names need client certificates: set [server.tls] client_ca",
+            ));
+        }
+    }
     if let Some(d) = &config.default_export
         && !config.exports.iter().any(|e| &e.name == d)
     {
@@ -671,5 +923,48 @@ pub fn check_whole(config: &Config, problems: &mut Vec<Problem>) {
             &["server", "default_export"],
             format!("no export is named {d:?}"),
         ));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_output_never_shows_stage_parameters() {
+        let dir = std::env::temp_dir().join(format!("nbd-rs-model-debug-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("c.toml");
+        std::fs::write(
+            &path,
+            "[exports.v]\npipeline = \"sharded -> s3\"\nsize = \"1GiB\"\n[exports.v.s3]\nbucket = \"b\"\naccess_key_id = \"AK\"\nsecret_access_key = \"SUPERSECRET\"\n",
+        )
+        .unwrap();
+        let (config, problems, _) = load(Some(&path));
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(problems.is_empty(), "{problems:?}");
+        let shown = format!("{config:?}");
+        assert!(!shown.contains("SUPERSECRET"), "{shown}");
+        assert!(shown.contains("params: [\"s3\"]"), "{shown}");
+    }
+
+    #[test]
+    fn allow_entries_match_addresses_networks_and_unix_clients() {
+        let net = Allowed::parse("10.0.0.0/8").unwrap();
+        assert!(net.matches(Some("10.1.2.3".parse().unwrap())));
+        assert!(net.matches(Some("::ffff:10.1.2.3".parse().unwrap())));
+        assert!(!net.matches(Some("11.0.0.1".parse().unwrap())));
+        assert!(!net.matches(None));
+        // A network written with host bits is the network.
+        assert_eq!(
+            Allowed::parse("192.168.1.7/24").unwrap(),
+            Allowed::parse("192.168.1.0/24").unwrap()
+        );
+        let one = Allowed::parse("::1").unwrap();
+        assert!(one.matches(Some("::1".parse().unwrap())));
+        assert!(!one.matches(Some("127.0.0.1".parse().unwrap())));
+        assert!(Allowed::parse("unix").unwrap().matches(None));
+        assert!(Allowed::parse("10.0.0.0/33").is_err());
+        assert!(Allowed::parse("example.com").is_err());
     }
 }

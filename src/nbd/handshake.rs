@@ -20,7 +20,7 @@ use super::wire::ReplyMode;
 use crate::block::DeviceInfo;
 use arc_swap::ArcSwap;
 
-use crate::export::{self, Export, ExportTable, Lease};
+use crate::export::{self, ClientId, Export, ExportTable, Lease};
 
 /// Why a handshake ended without entering transmission.
 #[derive(Debug, thiserror::Error)]
@@ -53,18 +53,33 @@ pub enum HandshakeError {
     /// NBD_OPT_EXPORT_NAME with a name that is not UTF-8 or too long.
     #[error("client sent an invalid export name with NBD_OPT_EXPORT_NAME")]
     BadExportName,
+    /// NBD_OPT_EXPORT_NAME before STARTTLS on a server that requires TLS (no error reply is
+    /// possible).
+    #[error("client used NBD_OPT_EXPORT_NAME without TLS on a server that requires TLS")]
+    TlsRequired,
+    /// Bytes followed STARTTLS before the server's answer: they cannot be part of the TLS
+    /// handshake.
+    #[error("client sent data after NBD_OPT_STARTTLS before its reply")]
+    DataAfterStartTls,
+    /// The TLS handshake failed.
+    #[error("TLS handshake failed: {0}")]
+    Tls(io::Error),
+    /// The handshake took longer than the handshake timeout.
+    #[error("handshake not finished within {0:?}")]
+    Timeout(std::time::Duration),
     /// NBD_OPT_EXPORT_NAME after extended headers were negotiated.
     #[error("client used NBD_OPT_EXPORT_NAME after negotiating extended headers")]
     ExportNameAfterExtendedHeaders,
 }
 
 /// How the handshake ended.
-#[derive(Debug)]
 pub enum Outcome {
     /// Transmission begins with these settings.
     Transmission(Session),
     /// The client sent NBD_OPT_ABORT and was answered.
     Aborted,
+    /// STARTTLS was acknowledged: the TLS handshake comes next, then more options.
+    StartTls(tokio_rustls::TlsAcceptor),
 }
 
 /// What was agreed for the transmission phase.
@@ -169,41 +184,63 @@ fn put_error(out: &mut BytesMut, option: u32, kind: u32, message: &str) {
     put_reply(out, option, kind, message.as_bytes());
 }
 
-/// Runs the handshake on a fresh connection from `peer`. `buf` keeps whatever the client sent
-/// beyond the handshake, for the transmission phase.
-///
-/// Each option sees the table as it is when the option arrives; an option naming an export
-/// that a reload is replacing waits for its successor.
-pub async fn negotiate<R, W>(
-    rd: &mut R,
-    wr: &mut W,
-    buf: &mut BytesMut,
-    shared: &ArcSwap<ExportTable>,
-    peer: &str,
-) -> Result<Outcome, HandshakeError>
+/// Sends the greeting and reads the client's flags; returns whether the client asked for no
+/// zeroes (`NBD_FLAG_C_NO_ZEROES`).
+pub async fn greet<S>(io: &mut S, buf: &mut BytesMut) -> Result<bool, HandshakeError>
 where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut out = BytesMut::with_capacity(256);
+    let mut out = BytesMut::with_capacity(18);
     out.put_u64(NBDMAGIC);
     out.put_u64(IHAVEOPT);
     out.put_u16(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES);
-    wr.write_all(&out).await?;
-    out.clear();
+    io.write_all(&out).await?;
 
-    fill(rd, buf, 4).await?;
+    fill(io, buf, 4).await?;
     let client_flags = buf.get_u32();
     if client_flags & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) != 0 {
         return Err(HandshakeError::BadClientFlags(client_flags));
     }
+    Ok(client_flags & FLAG_C_NO_ZEROES != 0)
+}
+
+/// Whether TLS is on for this part of the handshake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tls {
+    /// Not (yet) started.
+    Off,
+    /// Started with STARTTLS: the options now travel over TLS.
+    Active,
+}
+
+/// Runs the option phase for `client` (its address, and once TLS is active its certificate
+/// names). `buf` keeps whatever the client sent beyond the handshake, for the transmission
+/// phase.
+///
+/// Each option sees the table as it is when the option arrives; an option naming an export
+/// that a reload is replacing waits for its successor. An export the client may not see is
+/// answered as an unknown one. When the table requires TLS and `tls` is [`Tls::Off`], every
+/// option but STARTTLS and ABORT is refused with `NBD_REP_ERR_TLS_REQD`.
+pub async fn options<S>(
+    io: &mut S,
+    buf: &mut BytesMut,
+    shared: &ArcSwap<ExportTable>,
+    peer: &str,
+    client: &ClientId,
+    no_zeroes: bool,
+    tls: Tls,
+) -> Result<Outcome, HandshakeError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut out = BytesMut::with_capacity(256);
     let mut st = State {
-        no_zeroes: client_flags & FLAG_C_NO_ZEROES != 0,
+        no_zeroes,
         ..State::default()
     };
 
     loop {
-        fill(rd, buf, 16).await?;
+        fill(io, buf, 16).await?;
         let magic = buf.get_u64();
         if magic != IHAVEOPT {
             return Err(HandshakeError::BadOptionMagic(magic));
@@ -217,7 +254,7 @@ where
                 max: MAX_OPTION_DATA,
             });
         }
-        fill(rd, buf, len as usize).await?;
+        fill(io, buf, len as usize).await?;
         let data = buf.split_to(len as usize);
 
         let exports = match option {
@@ -231,11 +268,27 @@ where
             }
             _ => shared.load_full(),
         };
+        // FORCEDTLS: before TLS, only STARTTLS and ABORT are answered.
+        let tls_required = exports.tls.is_some() && tls == Tls::Off;
+        if tls_required && !matches!(option, opt::STARTTLS | opt::ABORT) {
+            if option == opt::EXPORT_NAME {
+                return Err(HandshakeError::TlsRequired);
+            }
+            put_error(
+                &mut out,
+                option,
+                rep::ERR_TLS_REQD,
+                "this server requires TLS: send NBD_OPT_STARTTLS first",
+            );
+            io.write_all(&out).await?;
+            out.clear();
+            continue;
+        }
         match option {
             opt::EXPORT_NAME => {
                 let mut table = exports;
                 let (export, lease) = loop {
-                    let export = export_name(&st, &data, &table)?;
+                    let export = export_name(&st, &data, &table, client)?;
                     if let Some(lease) = export.lease(peer) {
                         break (export, lease);
                     }
@@ -248,13 +301,13 @@ where
                 if !st.no_zeroes {
                     out.put_bytes(0, 124);
                 }
-                wr.write_all(&out).await?;
+                io.write_all(&out).await?;
                 return Ok(Outcome::Transmission(session));
             }
             opt::ABORT => {
                 put_reply(&mut out, option, rep::ACK, &[]);
                 // The client may close without waiting for the ACK.
-                let _ = wr.write_all(&out).await;
+                let _ = io.write_all(&out).await;
                 return Ok(Outcome::Aborted);
             }
             opt::LIST => {
@@ -266,7 +319,7 @@ where
                         "NBD_OPT_LIST takes no data",
                     );
                 } else {
-                    for e in exports.iter() {
+                    for e in exports.iter().filter(|e| e.admits(client)) {
                         let mut d = BytesMut::new();
                         d.put_u32(e.name.len() as u32);
                         d.put_slice(e.name.as_bytes());
@@ -284,6 +337,15 @@ where
                         rep::ERR_INVALID,
                         "NBD_OPT_STARTTLS takes no data",
                     );
+                } else if tls == Tls::Active {
+                    put_error(&mut out, option, rep::ERR_INVALID, "TLS is already active");
+                } else if let Some(acceptor) = &exports.tls {
+                    if !buf.is_empty() {
+                        return Err(HandshakeError::DataAfterStartTls);
+                    }
+                    put_reply(&mut out, option, rep::ACK, &[]);
+                    io.write_all(&out).await?;
+                    return Ok(Outcome::StartTls(acceptor.clone()));
                 } else {
                     put_error(
                         &mut out,
@@ -296,14 +358,15 @@ where
             opt::INFO | opt::GO => {
                 let mut table = exports;
                 loop {
-                    let Some(export) = info_or_go(&mut out, &st, option, &data, &table) else {
+                    let Some(export) = info_or_go(&mut out, &st, option, &data, &table, client)
+                    else {
                         break;
                     };
                     if option != opt::GO {
                         break;
                     }
                     if let Some(lease) = export.lease(peer) {
-                        wr.write_all(&out).await?;
+                        io.write_all(&out).await?;
                         return Ok(Outcome::Transmission(st.session(&export, lease)));
                     }
                     // Retired between the lookup and now: answer again once its successor is
@@ -348,11 +411,11 @@ where
                 }
             }
             opt::LIST_META_CONTEXT | opt::SET_META_CONTEXT => {
-                meta_context(&mut out, &mut st, option, &data, &exports);
+                meta_context(&mut out, &mut st, option, &data, &exports, client);
             }
             _ => put_error(&mut out, option, rep::ERR_UNSUP, "unknown option"),
         }
-        wr.write_all(&out).await?;
+        io.write_all(&out).await?;
         out.clear();
     }
 }
@@ -361,6 +424,7 @@ fn export_name(
     st: &State,
     data: &[u8],
     exports: &ExportTable,
+    client: &ClientId,
 ) -> Result<Arc<Export>, HandshakeError> {
     if st.extended {
         return Err(HandshakeError::ExportNameAfterExtendedHeaders);
@@ -370,7 +434,7 @@ fn export_name(
     }
     let name = std::str::from_utf8(data).map_err(|_| HandshakeError::BadExportName)?;
     exports
-        .get(name)
+        .get_for(name, client)
         .cloned()
         .ok_or_else(|| HandshakeError::UnknownExport(name.to_owned()))
 }
@@ -400,6 +464,7 @@ fn info_or_go(
     option: u32,
     data: &[u8],
     exports: &ExportTable,
+    client: &ClientId,
 ) -> Option<Arc<Export>> {
     let mut rest = data;
     let name = match take_string(&mut rest) {
@@ -429,7 +494,7 @@ fn info_or_go(
         );
         return None;
     }
-    let Some(export) = exports.get(name) else {
+    let Some(export) = exports.get_for(name, client) else {
         put_error(
             out,
             option,
@@ -483,6 +548,7 @@ fn meta_context(
     option: u32,
     data: &[u8],
     exports: &ExportTable,
+    client: &ClientId,
 ) {
     let set = option == opt::SET_META_CONTEXT;
     if set {
@@ -522,7 +588,7 @@ fn meta_context(
             return;
         }
     };
-    let Some(export) = exports.get(name) else {
+    let Some(export) = exports.get_for(name, client) else {
         put_error(
             out,
             option,

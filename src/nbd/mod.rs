@@ -5,17 +5,19 @@ pub mod proto;
 pub mod transmission;
 pub mod wire;
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use bytes::BytesMut;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::export::ExportTable;
-use handshake::{HandshakeError, Outcome};
+use crate::config::model::Limits;
+use crate::export::{ClientId, ExportTable};
+use handshake::{HandshakeError, Outcome, Session, Tls};
 use transmission::End;
 
 /// How long a connection told to stop (server shutdown, or its export reloaded or removed)
@@ -23,43 +25,158 @@ use transmission::End;
 /// of a request, or stops reading replies, must not hold up a reload or a stop for ever.
 pub const DRAIN_GRACE: Duration = Duration::from_secs(30);
 
-/// Serves one client connection from greeting to close. Never panics on client input; every
+/// A connection that can be split into a read half and a write half for the transmission
+/// phase: TCP and Unix sockets by their owned halves, TLS streams through `tokio::io::split`.
+pub trait Connection: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    /// The read half.
+    type Read: AsyncRead + Unpin + Send + 'static;
+    /// The write half.
+    type Write: AsyncWrite + Unpin + Send + 'static;
+    /// Splits the connection.
+    fn halves(self) -> (Self::Read, Self::Write);
+}
+
+impl Connection for tokio::net::TcpStream {
+    type Read = tokio::net::tcp::OwnedReadHalf;
+    type Write = tokio::net::tcp::OwnedWriteHalf;
+    fn halves(self) -> (Self::Read, Self::Write) {
+        self.into_split()
+    }
+}
+
+impl Connection for tokio::net::UnixStream {
+    type Read = tokio::net::unix::OwnedReadHalf;
+    type Write = tokio::net::unix::OwnedWriteHalf;
+    fn halves(self) -> (Self::Read, Self::Write) {
+        self.into_split()
+    }
+}
+
+impl<S: Connection> Connection for tokio_rustls::server::TlsStream<S> {
+    type Read = tokio::io::ReadHalf<Self>;
+    type Write = tokio::io::WriteHalf<Self>;
+    fn halves(self) -> (Self::Read, Self::Write) {
+        tokio::io::split(self)
+    }
+}
+
+/// Serves one client connection from greeting to close. `addr` is the client's address
+/// (`None` for a Unix-socket client), for allow lists. Never panics on client input; every
 /// outcome is logged as one line.
-pub async fn serve_connection<R, W>(
-    mut rd: R,
-    mut wr: W,
+pub async fn serve_connection<S: Connection>(
+    mut io: S,
     peer: &str,
+    addr: Option<IpAddr>,
     exports: &ArcSwap<ExportTable>,
     shutdown: CancellationToken,
-) where
-    R: AsyncRead + Unpin + Send,
-    W: AsyncWrite + Unpin + Send + 'static,
-{
+) {
     let started = Instant::now();
+    let limits = exports.load().limits;
+    let deadline = tokio::time::Instant::now() + limits.handshake_timeout;
     let mut buf = BytesMut::with_capacity(4096);
+    let mut client = ClientId {
+        addr,
+        names: Vec::new(),
+    };
+    let plain = async {
+        let no_zeroes = handshake::greet(&mut io, &mut buf).await?;
+        let o = handshake::options(
+            &mut io,
+            &mut buf,
+            exports,
+            peer,
+            &client,
+            no_zeroes,
+            Tls::Off,
+        )
+        .await?;
+        Ok::<_, HandshakeError>((o, no_zeroes))
+    };
     let outcome = tokio::select! {
         biased;
         _ = shutdown.cancelled() => {
             debug!(peer, "closing connection in handshake: server shutting down");
             return;
         }
-        o = handshake::negotiate(&mut rd, &mut wr, &mut buf, exports, peer) => o,
+        o = tokio::time::timeout_at(deadline, plain) => {
+            o.unwrap_or(Err(HandshakeError::Timeout(limits.handshake_timeout)))
+        }
     };
-    let session = match outcome {
-        Ok(Outcome::Transmission(s)) => s,
-        Ok(Outcome::Aborted) => {
+    match outcome {
+        Ok((Outcome::StartTls(acceptor), no_zeroes)) => {
+            let secure = async {
+                let mut tls = acceptor.accept(io).await.map_err(HandshakeError::Tls)?;
+                if let Some(cert) = tls.get_ref().1.peer_certificates().and_then(|c| c.first()) {
+                    client.names = crate::tls::certificate_names(cert);
+                }
+                let o = handshake::options(
+                    &mut tls,
+                    &mut buf,
+                    exports,
+                    peer,
+                    &client,
+                    no_zeroes,
+                    Tls::Active,
+                )
+                .await?;
+                Ok::<_, HandshakeError>((o, tls))
+            };
+            let outcome = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => {
+                    debug!(peer, "closing connection in handshake: server shutting down");
+                    return;
+                }
+                o = tokio::time::timeout_at(deadline, secure) => {
+                    o.unwrap_or(Err(HandshakeError::Timeout(limits.handshake_timeout)))
+                }
+            };
+            match outcome {
+                Ok((Outcome::Transmission(session), tls)) => {
+                    debug!(peer, names = ?client.names, "TLS established");
+                    transmit(tls, buf, session, peer, started, limits, shutdown).await;
+                }
+                Ok((Outcome::StartTls(_), _)) => {
+                    warn!(peer, "handshake failed: STARTTLS over TLS");
+                }
+                Ok((Outcome::Aborted, mut tls)) => {
+                    debug!(peer, "client ended the handshake with NBD_OPT_ABORT");
+                    // Soft close: close_notify, then the socket.
+                    let _ = tls.shutdown().await;
+                }
+                Err(e) => handshake_failed(peer, &e),
+            }
+        }
+        Ok((Outcome::Transmission(session), _)) => {
+            transmit(io, buf, session, peer, started, limits, shutdown).await;
+        }
+        Ok((Outcome::Aborted, _)) => {
             debug!(peer, "client ended the handshake with NBD_OPT_ABORT");
-            return;
         }
-        Err(HandshakeError::ClientGone) => {
+        Err(e) => handshake_failed(peer, &e),
+    }
+}
+
+fn handshake_failed(peer: &str, e: &HandshakeError) {
+    match e {
+        HandshakeError::ClientGone => {
             debug!(peer, "client closed the connection during the handshake");
-            return;
         }
-        Err(e) => {
-            warn!(peer, error = %e, "handshake failed");
-            return;
-        }
-    };
+        e => warn!(peer, error = %e, "handshake failed"),
+    }
+}
+
+/// The transmission phase of a connection, and its closing log line.
+async fn transmit<S: Connection>(
+    io: S,
+    buf: BytesMut,
+    session: Session,
+    peer: &str,
+    started: Instant,
+    limits: Limits,
+    shutdown: CancellationToken,
+) {
+    let (rd, wr) = io.halves();
     let retiring = Arc::clone(&session.export);
     let export = session.export.name.clone();
     let mode = session.mode;
@@ -94,7 +211,8 @@ pub async fn serve_connection<R, W>(
         }
     });
     let _done = done.drop_guard();
-    let (result, stats) = transmission::serve(rd, wr, buf, session, stop, cut).await;
+    let (result, stats) =
+        transmission::serve(rd, wr, buf, session, stop, cut, limits.idle_timeout).await;
     let secs = started.elapsed().as_secs_f64();
     match result {
         Ok(end) => {
@@ -106,6 +224,7 @@ pub async fn serve_connection<R, W>(
                 }
                 End::Shutdown => "connection closed for server shutdown",
                 End::Cut => "connection cut: requests unfinished when the grace period ended",
+                End::Idle => "connection closed: idle for longer than idle_timeout",
             };
             info!(
                 peer,

@@ -44,6 +44,8 @@ pub enum End {
     Shutdown,
     /// Told to stop, the client did not let its requests finish in time.
     Cut,
+    /// No request for longer than the idle timeout, and none in flight.
+    Idle,
 }
 
 /// Why a transmission phase ended abnormally.
@@ -120,6 +122,7 @@ pub async fn serve<R, W>(
     session: Session,
     shutdown: CancellationToken,
     cut: CancellationToken,
+    idle: Option<std::time::Duration>,
 ) -> (Result<End, TransmissionError>, Stats)
 where
     R: AsyncRead + Unpin + Send,
@@ -132,7 +135,7 @@ where
     let mut stats = Stats::default();
 
     let result = tokio::select! {
-        r = read_loop(&mut rd, &mut buf, &session, &tx, &budget, &shutdown, &mut stats) => r,
+        r = read_loop(&mut rd, &mut buf, &session, &tx, &budget, &shutdown, idle, &mut stats) => r,
         _ = cut.cancelled() => Ok(End::Cut),
     };
     // Dropping our sender lets the writer finish once every running request has answered.
@@ -156,6 +159,8 @@ where
     (result, stats)
 }
 
+// The reader's whole state, borrowed from `serve`: a struct would only move the list.
+#[allow(clippy::too_many_arguments)]
 async fn read_loop<R: AsyncRead + Unpin>(
     rd: &mut R,
     buf: &mut BytesMut,
@@ -163,6 +168,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
     tx: &Tx,
     budget: &Arc<Semaphore>,
     shutdown: &CancellationToken,
+    idle: Option<std::time::Duration>,
     stats: &mut Stats,
 ) -> Result<End, TransmissionError> {
     let mode = session.mode;
@@ -173,10 +179,19 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 if buf.capacity() - buf.len() < mode.request_len() {
                     buf.reserve(READ_CHUNK);
                 }
-                let n = tokio::select! {
-                    biased;
-                    _ = shutdown.cancelled() => return Ok(End::Shutdown),
-                    n = rd.read_buf(buf) => n?,
+                // The idle timeout counts only while nothing is in flight: a slow request is
+                // not idleness. (`read_buf` is cancel-safe: nothing read is lost.)
+                let n = loop {
+                    tokio::select! {
+                        biased;
+                        _ = shutdown.cancelled() => return Ok(End::Shutdown),
+                        n = rd.read_buf(buf) => break n?,
+                        _ = sleep_or_never(idle) => {
+                            if buf.is_empty() && budget.available_permits() == BUDGET_UNITS as usize {
+                                return Ok(End::Idle);
+                            }
+                        }
+                    }
                 };
                 if n == 0 {
                     return if buf.is_empty() {
@@ -277,6 +292,13 @@ fn read_len(req: &Request) -> u64 {
 
 fn refuse(session: &Session, req: &Request, (code, msg): Refusal) -> Frames {
     wire::error_reply(session.mode, req.cookie, req.offset, code, msg)
+}
+
+async fn sleep_or_never(d: Option<std::time::Duration>) {
+    match d {
+        Some(d) => tokio::time::sleep(d).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Reads exactly `n` payload bytes, taking what is buffered first.
