@@ -6,8 +6,10 @@
 //! replies as they complete, many per vectored write. A per-connection budget bounds the bytes
 //! in flight, so a connection costs no more than its in-flight requests.
 
+use std::future::Future;
 use std::io::{self, IoSlice};
 use std::sync::Arc;
+use std::task::Poll;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -249,12 +251,21 @@ async fn read_loop<R: AsyncRead + Unpin>(
 
         match validate(session, &req, payload) {
             Ok(op) => {
+                // Polled once here: a request the device finishes at once (memory, a page-cache
+                // hit) is answered without a task or a wake-up on another worker. One that has
+                // to wait goes on as its own task, so it never holds up the next request.
                 let session = Arc::clone(session);
-                let tx = tx.clone();
-                tokio::spawn(async move {
-                    let frames = execute(&session, &req, op).await;
-                    send(&tx, frames, Some(permit));
-                });
+                let mut running = Box::pin(async move { execute(&session, &req, op).await });
+                match std::future::poll_fn(|cx| Poll::Ready(running.as_mut().poll(cx))).await {
+                    Poll::Ready(frames) => send(tx, frames, Some(permit)),
+                    Poll::Pending => {
+                        let tx = tx.clone();
+                        tokio::spawn(async move {
+                            let frames = running.await;
+                            send(&tx, frames, Some(permit));
+                        });
+                    }
+                }
             }
             Err(refusal) => {
                 stats.errors += 1;

@@ -6,10 +6,11 @@
 //! all of them (multi-conn is safe). Blocking system calls run on tokio's blocking pool.
 
 use std::fs::{File, OpenOptions};
-use std::io;
+use std::io::{self, IoSliceMut};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -65,6 +66,8 @@ pub struct FileImage {
     info: DeviceInfo,
     path: PathBuf,
     file: Arc<File>,
+    /// Reads try `RWF_NOWAIT` first (cleared if the kernel refuses the flag).
+    nowait: AtomicBool,
 }
 
 impl std::fmt::Debug for FileImage {
@@ -140,6 +143,7 @@ impl FileImage {
             },
             path: path.to_owned(),
             file: Arc::new(file),
+            nowait: AtomicBool::new(true),
         })
     }
 
@@ -205,6 +209,26 @@ impl FileImage {
     }
 
     /// Runs a blocking call on the blocking pool with the shared file.
+    /// A read the page cache can answer whole, done here without handing it to a thread:
+    /// `RWF_NOWAIT` makes the kernel refuse (EAGAIN) instead of waiting for the disk. `None`
+    /// when it cannot, and then for good on a kernel or file system without `RWF_NOWAIT`.
+    fn read_cached(&self, offset: u64, len: u32) -> Option<Bytes> {
+        if !self.nowait.load(Ordering::Relaxed) {
+            return None;
+        }
+        let mut buf = vec![0u8; len as usize];
+        let flags = rustix::io::ReadWriteFlags::NOWAIT;
+        match rustix::io::preadv2(&*self.file, &mut [IoSliceMut::new(&mut buf)], offset, flags) {
+            Ok(n) if n == buf.len() => Some(Bytes::from(buf)),
+            // Partly cached, or past the end: the blocking path reads it properly.
+            Ok(_) | Err(Errno::AGAIN) => None,
+            Err(_) => {
+                self.nowait.store(false, Ordering::Relaxed);
+                None
+            }
+        }
+    }
+
     async fn blocking<T, F>(&self, op: &'static str, offset: u64, f: F) -> Result<T, BlockError>
     where
         T: Send + 'static,
@@ -220,6 +244,28 @@ impl FileImage {
             )),
         }
     }
+}
+
+/// `len` bytes at `offset`, read into fresh memory without zeroing it first.
+fn read_exact_at(f: &File, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+    let mut buf = Vec::with_capacity(len);
+    while buf.len() < len {
+        let at = offset + buf.len() as u64;
+        // Reads into the spare capacity and extends the length by what was read.
+        match rustix::io::pread(f, rustix::buffer::spare_capacity(&mut buf), at) {
+            Ok(0) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the image ended before the read did",
+                ));
+            }
+            Ok(_) => {}
+            Err(Errno::INTR) => {}
+            Err(e) => return Err(errno_to_io(e)),
+        }
+    }
+    buf.truncate(len);
+    Ok(buf)
 }
 
 fn errno_to_io(e: Errno) -> io::Error {
@@ -285,11 +331,12 @@ impl BlockDevice for FileImage {
     }
 
     async fn read(&self, offset: u64, len: u32) -> Result<ReadData, BlockError> {
+        if let Some(cached) = self.read_cached(offset, len) {
+            return Ok(ReadData::data(cached));
+        }
         let bytes = self
             .blocking("read", offset, move |f| {
-                let mut buf = vec![0u8; len as usize];
-                f.read_exact_at(&mut buf, offset)?;
-                Ok(buf)
+                read_exact_at(f, offset, len as usize)
             })
             .await?;
         Ok(ReadData::data(Bytes::from(bytes)))
