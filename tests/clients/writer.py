@@ -2,7 +2,7 @@
 """A client that keeps writes in flight and remembers exactly which ones were acknowledged.
 
     writer.py write URI --slots N --slot-size S --ready FILE --stop FILE --model FILE
-              [--depth D] [--reconnect] [--fua-every K]
+              [--depth D] [--reconnect] [--fua-every K] [--flush-every F] [--crash] [--seed S]
     writer.py verify URI --model FILE
 
 `write` keeps D writes of random data in flight, each to its own slot (never two to one slot at
@@ -11,7 +11,14 @@ a time, so the order of completion cannot matter), until the file --stop exists.
 (a reload draining the export) is opened again and every unanswered write is sent again, as qemu
 does with reconnect-delay; without it, a closed connection ends the run. Every K-th write is sent
 with FUA when --fua-every is given. It saves the model: for each slot, the SHA-256 of what it must
-hold, or (for a write never answered) the hashes it may hold. It prints one JSON line of counts.
+hold, or (for a write never answered) the hashes it may hold. An existing model file is the starting point (a later round over the same
+disk). It prints one JSON line of counts.
+
+With --crash the model is the one a crash leaves: an acknowledged write is certain only once it
+was written with FUA or a later FLUSH was acknowledged (every --flush-every writes the client
+lets its writes drain and sends a FLUSH); until then the slot may hold any of its writes since.
+Use it when the server is killed with SIGKILL; without it every acknowledged write is certain,
+as after a clean stop.
 
 `verify` reads every slot back and fails, naming the slot, on any difference from the model.
 Slots never written must read as zeroes.
@@ -47,7 +54,11 @@ def sha(b):
 def write(a):
     size = a.slot_size
     zero = sha(bytes(size))
-    model = {}  # slot -> [hashes it may hold]; the first one is what it must hold if acked
+    model = {}  # slot -> [hashes it may hold]
+    if os.path.exists(a.model):
+        # A later round over the same disk starts from what the last one allowed.
+        with open(a.model) as f:
+            model = {int(k): v for k, v in json.load(f)["model"].items()}
     h = connect(a.uri, a.reconnect)
     inflight = {}  # cookie -> (slot, data)
     retry = []  # (slot, data) never answered
@@ -55,18 +66,32 @@ def write(a):
     free = list(range(a.slots))
     random.shuffle(free)
     stopping = False
+    last = {}  # slot -> hash of its last acknowledged write
+    since_flush = 0
+    random.seed(a.seed)
     while True:
-        if not stopping and os.path.exists(a.stop):
+        if not stopping and a.stop and os.path.exists(a.stop):
             stopping = True
         if stopping and not inflight and not retry:
             break
+        barrier = a.flush_every and since_flush >= a.flush_every
+        if barrier and not inflight:
+            # Everything acknowledged so far is durable once this FLUSH is answered.
+            try:
+                h.flush()
+            except nbd.Error:
+                break
+            for slot, digest in last.items():
+                model[slot] = [digest]
+            since_flush = 0
+            barrier = False
         # Fill the queue: unanswered writes first, then new ones.
-        while len(inflight) < a.depth and (retry or (free and not stopping)):
+        while not barrier and len(inflight) < a.depth and (retry or (free and not stopping)):
             if retry:
                 slot, data = retry.pop()
             else:
                 slot = free.pop(random.randrange(len(free)))
-                data = os.urandom(size)
+                data = random.randbytes(size)
                 model.setdefault(slot, [zero])
                 # Until acknowledged, the slot may hold its old content or the new one.
                 model[slot].append(sha(data))
@@ -80,7 +105,7 @@ def write(a):
             except nbd.Error:
                 retry.append((slot, data))
                 break
-            inflight[c] = (slot, data)
+            inflight[c] = (slot, data, flags)
         dead = h.aio_is_dead() or h.aio_is_closed()
         if not dead:
             try:
@@ -96,14 +121,18 @@ def write(a):
                     sys.exit(1)
                 done = None
             if done:
-                slot, data = inflight.pop(c)
-                model[slot] = [sha(data)]
+                slot, data, flags = inflight.pop(c)
+                digest = sha(data)
+                last[slot] = digest
+                if not a.crash or flags & nbd.CMD_FLAG_FUA:
+                    model[slot] = [digest]
                 free.append(slot)
                 acked += 1
+                since_flush += 1
                 if acked == 64:
                     open(a.ready, "w").close()
         if dead or h.aio_is_dead() or h.aio_is_closed():
-            unanswered = list(inflight.values())
+            unanswered = [(slot, data) for slot, data, _ in inflight.values()]
             inflight.clear()
             if not a.reconnect:
                 failed_over = len(unanswered) + len(retry)
@@ -115,6 +144,8 @@ def write(a):
     if not (h.aio_is_dead() or h.aio_is_closed()):
         h.flush()
         h.shutdown()
+        for slot, digest in last.items():
+            model[slot] = [digest]
     with open(a.model, "w") as f:
         json.dump({"slot_size": size, "slots": a.slots, "model": model}, f)
     print(json.dumps({"acked": acked, "unanswered": failed_over, "reconnects": reconnects}))
@@ -151,6 +182,9 @@ def main():
     p.add_argument("--model", required=True)
     p.add_argument("--reconnect", action="store_true")
     p.add_argument("--fua-every", type=int, default=0)
+    p.add_argument("--flush-every", type=int, default=0)
+    p.add_argument("--crash", action="store_true")
+    p.add_argument("--seed", type=int, default=None)
     a = p.parse_args()
     write(a) if a.mode == "write" else verify(a)
 
