@@ -12,23 +12,9 @@
 mod common;
 
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use common::{Moto, Scratch, Server, root, run_script, signal};
-
-/// The seed: from `NBD_RS_CRASH_SEED`, else the clock.
-fn seed() -> u64 {
-    std::env::var("NBD_RS_CRASH_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .unwrap()
-                .subsec_nanos()
-                .into()
-        })
-}
 
 /// A step of xorshift: enough randomness to place a kill.
 fn next(state: &mut u64) -> u64 {
@@ -47,7 +33,7 @@ fn crash_and_check(
     config: &dyn Fn(&Scratch) -> String,
     after: Option<&dyn Fn(&Scratch) -> String>,
 ) {
-    let seed = seed();
+    let seed = common::seed("NBD_RS_CRASH_SEED");
     eprintln!("crash test {tag}: seed {seed} (NBD_RS_CRASH_SEED={seed} replays it)");
     let mut rng = seed | 1;
     let dir = Scratch::new(tag);
@@ -129,6 +115,14 @@ fn file_store(dir: &Scratch) -> String {
     format!("[exports.vol.file]\npath = \"{}/store/\"\n", dir.as_str())
 }
 
+/// The same volume through a plain `sharded -> file` pipeline, with no cache.
+fn plain_file(dir: &Scratch) -> String {
+    format!(
+        "[exports.vol]\npipeline = \"sharded -> file\"\n{}",
+        file_store(dir)
+    )
+}
+
 fn cache(dir: &Scratch) -> String {
     format!(
         "[exports.vol.cache]\npath = \"{}/cache\"\nsize = \"64MiB\"\n",
@@ -173,13 +167,7 @@ fn cached_sharded_file_keeps_every_durable_write_across_sigkill() {
             cache(d)
         )
     };
-    let plain = |d: &Scratch| {
-        format!(
-            "[exports.vol]\npipeline = \"sharded -> file\"\n{}",
-            file_store(d)
-        )
-    };
-    crash_and_check("crash-cached", &config, Some(&plain));
+    crash_and_check("crash-cached", &config, Some(&plain_file));
 }
 
 #[test]
@@ -191,13 +179,7 @@ fn faulty_store_under_retries_keeps_every_durable_write_across_sigkill() {
             cache(d)
         )
     };
-    let plain = |d: &Scratch| {
-        format!(
-            "[exports.vol]\npipeline = \"sharded -> file\"\n{}",
-            file_store(d)
-        )
-    };
-    crash_and_check("crash-faulty", &config, Some(&plain));
+    crash_and_check("crash-faulty", &config, Some(&plain_file));
 }
 
 #[test]

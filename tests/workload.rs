@@ -6,26 +6,13 @@
 
 mod common;
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use common::{Moto, Scratch, Server, run_script};
 
-fn seed() -> u64 {
-    std::env::var("NBD_RS_WORKLOAD_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .unwrap()
-                .subsec_nanos()
-                .into()
-        })
-}
-
 /// Serves `config` (an export named `vol`) and runs the workload on it.
 fn workload(tag: &str, config: &str) {
-    let seed = seed();
+    let seed = common::seed("NBD_RS_WORKLOAD_SEED");
     eprintln!("workload {tag}: seed {seed} (NBD_RS_WORKLOAD_SEED={seed} replays it)");
     let dir = Scratch::new(tag);
     let cfg = dir.path("nbd-rs.toml");

@@ -92,15 +92,8 @@ pub async fn serve_connection<S: Connection>(
         .await?;
         Ok::<_, HandshakeError>((o, no_zeroes))
     };
-    let outcome = tokio::select! {
-        biased;
-        _ = shutdown.cancelled() => {
-            debug!(peer, "closing connection in handshake: server shutting down");
-            return;
-        }
-        o = tokio::time::timeout_at(deadline, plain) => {
-            o.unwrap_or(Err(HandshakeError::Timeout(limits.handshake_timeout)))
-        }
+    let Some(outcome) = bounded(plain, &shutdown, deadline, &limits, peer).await else {
+        return;
     };
     match outcome {
         Ok((Outcome::StartTls(acceptor), no_zeroes)) => {
@@ -121,15 +114,8 @@ pub async fn serve_connection<S: Connection>(
                 .await?;
                 Ok::<_, HandshakeError>((o, tls))
             };
-            let outcome = tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => {
-                    debug!(peer, "closing connection in handshake: server shutting down");
-                    return;
-                }
-                o = tokio::time::timeout_at(deadline, secure) => {
-                    o.unwrap_or(Err(HandshakeError::Timeout(limits.handshake_timeout)))
-                }
+            let Some(outcome) = bounded(secure, &shutdown, deadline, &limits, peer).await else {
+                return;
             };
             match outcome {
                 Ok((Outcome::Transmission(session), tls)) => {
@@ -154,6 +140,27 @@ pub async fn serve_connection<S: Connection>(
             debug!(peer, "client ended the handshake with NBD_OPT_ABORT");
         }
         Err(e) => handshake_failed(peer, &e),
+    }
+}
+
+/// Runs a part of the handshake until the handshake deadline; `None` if the server is
+/// shutting down.
+async fn bounded<T>(
+    part: impl std::future::Future<Output = Result<T, HandshakeError>>,
+    shutdown: &CancellationToken,
+    deadline: tokio::time::Instant,
+    limits: &Limits,
+    peer: &str,
+) -> Option<Result<T, HandshakeError>> {
+    tokio::select! {
+        biased;
+        _ = shutdown.cancelled() => {
+            debug!(peer, "closing connection in handshake: server shutting down");
+            None
+        }
+        o = tokio::time::timeout_at(deadline, part) => {
+            Some(o.unwrap_or(Err(HandshakeError::Timeout(limits.handshake_timeout))))
+        }
     }
 }
 

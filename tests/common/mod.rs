@@ -485,3 +485,18 @@ impl NotifySocket {
         }
     }
 }
+
+/// A test's random seed: from the environment variable `var` when set (to replay a run), else
+/// from the clock. Tests print it.
+pub fn seed(var: &str) -> u64 {
+    std::env::var(var)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .subsec_nanos()
+                .into()
+        })
+}
