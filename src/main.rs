@@ -38,6 +38,7 @@ fn main() -> ExitCode {
         None => {}
     }
     let (_, log) = systemd::init_logging(systemd::log_filter(None));
+    raise_open_files_limit();
     // Taken before the runtime starts its threads: taking them edits the environment.
     let activated = match systemd::listen_fds() {
         Ok(a) => a,
@@ -47,6 +48,23 @@ fn main() -> ExitCode {
         }
     };
     with_runtime(serve(cli.serve, activated, log))
+}
+
+/// Every connection is a file descriptor, and the usual soft limit (1024) is below the default
+/// `max_connections` plus the files a pipeline keeps open: raise it to the hard limit, as most
+/// servers do.
+fn raise_open_files_limit() {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let current = getrlimit(Resource::Nofile);
+    if current.current < current.maximum {
+        let raised = Rlimit {
+            current: current.maximum,
+            maximum: current.maximum,
+        };
+        if let Err(e) = setrlimit(Resource::Nofile, raised) {
+            warn!(error = %e, "cannot raise the open files limit");
+        }
+    }
 }
 
 fn with_runtime(f: impl Future<Output = ExitCode>) -> ExitCode {

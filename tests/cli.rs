@@ -240,3 +240,41 @@ fn one_log_line_per_connection_and_clean_stop() {
     assert!(conn_lines[0].contains("export=\"d\""), "{log}");
     assert!(s.stop().success());
 }
+
+/// A service's soft limit on open files (often 1024) is below the default `max_connections`:
+/// the server raises it to the hard limit.
+#[test]
+fn the_open_files_limit_is_raised_to_the_hard_limit() {
+    let port = common::free_port();
+    let mut child = std::process::Command::new("bash")
+        .args([
+            "-c",
+            &format!(
+                "ulimit -Sn 256 && exec {} -l 127.0.0.1:{port} -e d raw memory:1MiB",
+                common::bin()
+            ),
+        ])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Once it listens, it is nbd-rs (not the shell before `exec`) and has set its limits.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nbd-rs did not listen"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let text = std::fs::read_to_string(format!("/proc/{}/limits", child.id())).unwrap();
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    let f: Vec<&str> = line.split_whitespace().collect();
+    let (soft, max) = (f[3], f[4]);
+    assert_ne!(max, "256", "the test needs a hard limit above 256");
+    assert_eq!(soft, max);
+    let _ = child.kill();
+    let _ = child.wait();
+}
