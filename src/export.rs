@@ -84,16 +84,17 @@ impl Drop for Lease {
 
 impl Export {
     /// True if `client` may see and use this export: it matches the address list and the
-    /// certificate name list, each when set.
+    /// certificate name list (ignoring ASCII case), each when set.
     pub fn admits(&self, client: &ClientId) -> bool {
         let by_addr = self
             .allow
             .as_ref()
             .is_none_or(|l| l.iter().any(|a| a.matches(client.addr)));
-        let by_name = self
-            .allow_names
-            .as_ref()
-            .is_none_or(|l| l.iter().any(|n| client.names.contains(n)));
+        let by_name = self.allow_names.as_ref().is_none_or(|l| {
+            // Host names are case-insensitive, and so, in practice, are common names.
+            l.iter()
+                .any(|n| client.names.iter().any(|c| c.eq_ignore_ascii_case(n)))
+        });
         by_addr && by_name
     }
 

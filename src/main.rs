@@ -274,6 +274,9 @@ async fn serve(args: ServeArgs, activated: Option<ListenFds>, log: LogControl) -
 
     let mut status = ExitCode::SUCCESS;
     for e in exports.load().iter() {
+        // A connection cut at the end of its grace period may leave requests running: the
+        // device is closed only once they have returned.
+        supervisor::drain(e).await;
         if let Err(err) = e.device.close().await {
             error!(export = %e.name, error = %err, "closing the export failed: data may not be durable");
             status = ExitCode::FAILURE;

@@ -24,7 +24,6 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
 use crate::block::BlockSizes;
@@ -202,10 +201,10 @@ pub struct Supervisor {
     args: ServeArgs,
     ctx: BuildContext,
     table: SharedExports,
+    /// What the sockets and the connection limit were set up with: they stay.
+    fixed: (Vec<crate::server::ListenAddr>, usize),
     /// The configuration the table was built from; `None` once the server is stopping.
     config: tokio::sync::Mutex<Option<Config>>,
-    /// Removed exports being drained and closed in the background.
-    closing: TaskTracker,
 }
 
 impl Supervisor {
@@ -215,8 +214,8 @@ impl Supervisor {
             args,
             ctx,
             table,
+            fixed: (config.listen.clone(), config.limits.max_connections),
             config: tokio::sync::Mutex::new(Some(config)),
-            closing: TaskTracker::new(),
         }
     }
 
@@ -234,13 +233,10 @@ impl Supervisor {
             .and_then(|c| c.log_level.clone())
     }
 
-    /// For a stopping server: waits for a reload under way, refuses the next ones, and waits
-    /// until every removed export has been closed. The exports in the table are the caller's
-    /// to close.
+    /// For a stopping server: waits for a reload under way and refuses the next ones. The
+    /// exports in the table are the caller's to close (see [`drain`]).
     pub async fn stop(&self) {
         self.config.lock().await.take();
-        self.closing.close();
-        self.closing.wait().await;
     }
 
     /// Re-reads and applies the configuration. On any problem nothing changes and every
@@ -264,13 +260,13 @@ impl Supervisor {
         for w in &warnings {
             warn!("{w}");
         }
-        if next.limits.max_connections != current.limits.max_connections {
+        if next.limits.max_connections != self.fixed.1 {
             warn!(
                 "max_connections cannot change while running: restart nbd-rs to apply {}",
                 next.limits.max_connections
             );
         }
-        if next.listen != current.listen {
+        if next.listen != self.fixed.0 {
             let listen: Vec<String> = next.listen.iter().map(ToString::to_string).collect();
             warn!(
                 listen = %listen.join(", "),
@@ -339,8 +335,24 @@ impl Supervisor {
             }
         }
 
+        // Every retired export is drained and closed before anything opens: a renamed export,
+        // or two that swap their storage, must never have two pipelines on one storage.
+        futures::future::join_all(retired.iter().map(|r| drain(r))).await;
+        for r in &retired {
+            let gone = !next.exports.iter().any(|e| e.name == r.name);
+            match r.device.close().await {
+                Ok(()) if gone => info!(export = %r.name, "removed export closed"),
+                Ok(()) => {}
+                Err(err) => {
+                    error!(export = %r.name, error = %err, "closing the old pipeline failed: data may not be durable");
+                }
+            }
+        }
+
+        let mut next = next;
         let mut exports: Vec<Arc<Export>> = Vec::with_capacity(next.exports.len());
-        for e in &next.exports {
+        for slot in next.exports.iter_mut() {
+            let e = &*slot;
             let Some(before) = old.get(e.name.as_str()) else {
                 report.added.push(e.name.clone());
                 if let Some(x) = self.open(e).await {
@@ -356,14 +368,6 @@ impl Supervisor {
                 continue;
             }
             report.changed.push(e.name.clone());
-            // The old pipeline is drained, flushed and closed before the new one opens the
-            // same storage.
-            if let Some(live) = table.get(&e.name) {
-                drain(live).await;
-                if let Err(err) = live.device.close().await {
-                    error!(export = %e.name, error = %err, "closing the old pipeline failed: data may not be durable");
-                }
-            }
             match self.open(e).await {
                 Some(x) => {
                     let new = x.device.info().size;
@@ -376,37 +380,35 @@ impl Supervisor {
                 }
                 None => {
                     // The storage could not be opened with the new settings: serve on with
-                    // the old ones if they still open.
+                    // the old ones if they still open, and remember that they are what runs,
+                    // so that the next reload tries the new ones again.
                     warn!(export = %e.name, "serving the export with its previous configuration");
-                    if let Some(x) = self.open(before).await {
+                    let before = (*before).clone();
+                    if let Some(x) = self.open(&before).await {
                         exports.push(x);
                     }
+                    *slot = before;
                 }
             }
         }
         for name in old.keys() {
-            if next.exports.iter().any(|e| e.name == *name) {
-                continue;
-            }
-            report.removed.push((*name).to_owned());
-            if let Some(gone) = table.get(name).cloned() {
-                self.closing.spawn(async move {
-                    drain(&gone).await;
-                    match gone.device.close().await {
-                        Ok(()) => info!(export = %gone.name, "removed export closed"),
-                        Err(err) => {
-                            error!(export = %gone.name, error = %err, "closing a removed export failed: data may not be durable")
-                        }
-                    }
-                });
+            if !next.exports.iter().any(|e| e.name == *name) {
+                report.removed.push((*name).to_owned());
             }
         }
-        self.table.store(Arc::new(
-            ExportTable::new(exports)
-                .with_default(next.default_export.clone())
-                .with_tls(tls)
-                .with_limits(next.limits),
-        ));
+        let table_next = ExportTable::new(exports)
+            .with_default(next.default_export.clone())
+            .with_tls(tls)
+            .with_limits(next.limits);
+        let default_of = |t: &ExportTable| t.get("").map(|e| e.name.clone());
+        if let (Some(was), Some(now)) = (default_of(&table), default_of(&table_next))
+            && was != now
+        {
+            warn!(
+                "the empty export name now selects {now:?} instead of {was:?}: a client that connected with nbd://host/ and reconnects gets another disk (set [server] default_export to pin it)"
+            );
+        }
+        self.table.store(Arc::new(table_next));
         // Clients waiting for retired exports look again: they find the successors, or no
         // export by that name.
         for r in &retired {
@@ -436,9 +438,10 @@ impl Supervisor {
     }
 }
 
-/// Waits until a retired export's connections have finished their requests and closed
-/// (each is cut after [`crate::nbd::DRAIN_GRACE`] at most), saying who is awaited.
-async fn drain(e: &Export) {
+/// Retires an export and waits until its connections have finished their requests and closed
+/// (each is cut after [`crate::nbd::DRAIN_GRACE`] at most) and every request they started has
+/// returned, saying who is awaited. After it, nothing uses the export's device.
+pub async fn drain(e: &Export) {
     e.retire();
     let mut waited = 0u64;
     loop {

@@ -564,6 +564,20 @@ fn bad_log_levels_are_reported_with_their_lines() {
 
     let cfg = write(
         &dir,
+        "signatures.toml",
+        "[log]\nlevel = \"info,rusoto_signature::signature=trace\"\n[exports.a]\npipeline = \"raw -> memory\"\nsize = \"1MiB\"\n",
+    );
+    let (code, _, err) = nbd_rs(&["check", "--config", &cfg], &[]);
+    assert_eq!(code, 1);
+    assert_eq!(
+        err,
+        format!(
+            "nbd-rs: error: {cfg}:2: key \"log.level\": log level \"rusoto_signature::signature=trace\": the S3 client's libraries stay at info, because below it they log request signatures and credentials\nnbd-rs: 1 problem(s) found\n"
+        )
+    );
+
+    let cfg = write(
+        &dir,
         "directive.toml",
         "[log]\nlevel = \"nbd_rs=loud\"\n[exports.a]\npipeline = \"raw -> memory\"\nsize = \"1MiB\"\n",
     );

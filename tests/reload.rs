@@ -473,3 +473,65 @@ fn a_client_stalled_mid_request_is_cut_after_the_grace_period() {
     assert!(list(&s).contains("description: after"), "{}", list(&s));
     assert!(s.stop().success());
 }
+
+/// Renaming a busy export that keeps its storage: the old pipeline is drained and closed
+/// before the new one opens, so the new one finds its cache unlocked and the data there.
+#[test]
+fn a_renamed_export_opens_its_storage_only_after_the_old_one_closed() {
+    let dir = Scratch::new("reload-rename");
+    let cfg = dir.path("nbd-rs.toml");
+    // The volume keeps its name (`sharded.name`), so the renamed export serves the same
+    // chunks through the same cache directory.
+    let named = |name: &str| {
+        cached(&dir, "v0", "64MiB", "0ms")
+            .replace("[exports.vol", &format!("[exports.{name}"))
+            .replace(
+                "chunk_size = \"1MiB\"",
+                "chunk_size = \"1MiB\"\nname = \"vol\"",
+            )
+    };
+    std::fs::write(&cfg, named("vol")).unwrap();
+    let s = Server::start(&["--config", cfg.to_str().unwrap()]);
+    let client = writer(&s.uri("vol"), &dir, &[]);
+    std::fs::write(&cfg, named("renamed")).unwrap();
+    signal(s.pid(), "HUP");
+    wait_for(
+        &s,
+        "configuration reloaded: added: renamed; changed: none; removed: vol; unchanged: none",
+    );
+    // The writer was disconnected by the drain; every write it had answered is in the volume.
+    std::fs::File::create(dir.path("stop")).unwrap();
+    client.finish();
+    assert!(!s.log().contains("is not served"), "{}", s.log());
+    let out = run_script(
+        "/usr/bin/python3",
+        "writer.py",
+        &[
+            "verify",
+            &s.uri("renamed"),
+            "--model",
+            dir.path("model.json").to_str().unwrap(),
+        ],
+        Duration::from_secs(120),
+    );
+    assert!(out.contains("\"verified\": 512"), "{out}");
+    assert!(s.stop().success());
+}
+
+/// When a reload changes what the empty export name selects, the log says so.
+#[test]
+fn a_reload_that_moves_the_default_export_warns() {
+    let dir = Scratch::new("reload-default");
+    let cfg = dir.path("nbd-rs.toml");
+    std::fs::write(&cfg, config(&[("b", "1MiB"), ("c", "1MiB")])).unwrap();
+    let s = Server::start(&["--config", cfg.to_str().unwrap()]);
+    std::fs::write(&cfg, config(&[("a", "1MiB"), ("b", "1MiB"), ("c", "1MiB")])).unwrap();
+    signal(s.pid(), "HUP");
+    wait_for(&s, "configuration reloaded: added: a;");
+    assert!(
+        s.log().contains("the empty export name now selects \"a\" instead of \"b\": a client that connected with nbd://host/ and reconnects gets another disk (set [server] default_export to pin it)"),
+        "{}",
+        s.log()
+    );
+    assert!(s.stop().success());
+}

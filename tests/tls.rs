@@ -43,7 +43,7 @@ fn tls_config(dir: &Scratch, client_ca: bool) -> String {
         String::new()
     };
     let alice = if client_ca {
-        "[exports.alice]\npipeline = \"raw -> memory\"\nsize = \"1MiB\"\nallow_names = [\"alice\"]\n"
+        "[exports.alice]\npipeline = \"raw -> memory\"\nsize = \"1MiB\"\nallow_names = [\"ALICE.example\"]\n"
     } else {
         ""
     };
@@ -497,6 +497,14 @@ fn check_reports_bad_tls_settings_and_access_lists_with_their_lines() {
     ];
     want.sort_unstable();
     assert_eq!(got, want, "{err}");
+    let (code, _, err, cfg) = check(&dir, &format!("{export}allow = []\n"));
+    assert_eq!(code, 1);
+    assert_eq!(
+        err,
+        format!(
+            "nbd-rs: error: {cfg}:4: export \"disk\", key \"allow\": an empty allow list lets no one in: leave the key out to allow everyone\nnbd-rs: 1 problem(s) found\n"
+        )
+    );
     let (code, _, err, cfg) = check(&dir, &format!("{export}allow_names = [\"alice\"]\n"));
     assert_eq!(code, 1);
     assert_eq!(

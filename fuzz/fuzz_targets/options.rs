@@ -36,7 +36,7 @@ fuzz_target!(|data: &[u8]| {
                 Ok(nz) => nz,
                 Err(e) => return (None, Err(e)),
             };
-            let r = handshake::options(&mut server, &mut buf, &table, "fuzz", &client, nz, Tls::Off)
+            let r = handshake::options(&mut server, &mut buf, &table, "fuzz", &client, nz, Tls::Off(None))
                 .await;
             drop(server);
             (Some(nz), r)

@@ -641,6 +641,11 @@ fn check_log_level(s: &str) -> Result<(), String> {
     }
     for d in s.split(',').map(str::trim) {
         let level = match d.rsplit_once('=') {
+            Some((target, _)) if ["rusoto", "hyper"].iter().any(|t| target.starts_with(t)) => {
+                return Err(format!(
+                    "log level {d:?}: the S3 client's libraries stay at info, because below it they log request signatures and credentials"
+                ));
+            }
             Some((target, level)) if !target.is_empty() => level,
             Some(_) => return Err(bad(d)),
             None => d,
@@ -802,7 +807,14 @@ fn export(name: &str, value: &Value, problems: &mut Vec<Problem>) -> Option<Expo
             "block_size" => sizes = block_sizes(v, &path, problems),
             "allow" => {
                 let mut list = Vec::new();
-                for entry in strings(v, &path, "addresses", problems) {
+                let entries = strings(v, &path, "addresses", problems);
+                if entries.is_empty() && matches!(v, Value::Array(..)) {
+                    problems.push(Problem::at(
+                        &path,
+                        "an empty allow list lets no one in: leave the key out to allow everyone",
+                    ));
+                }
+                for entry in entries {
                     match Allowed::parse(&entry) {
                         Ok(a) => list.push(a),
                         Err(e) => problems.push(Problem::at(&path, e)),
@@ -816,6 +828,12 @@ fn export(name: &str, value: &Value, problems: &mut Vec<Problem>) -> Option<Expo
                     problems.push(Problem::at(
                         &path,
                         "an empty certificate name matches nothing",
+                    ));
+                }
+                if names.is_empty() && matches!(v, Value::Array(..)) {
+                    problems.push(Problem::at(
+                        &path,
+                        "an empty allow_names list lets no one in: leave the key out to allow everyone",
                     ));
                 }
                 allow_names = Some(names);

@@ -205,10 +205,11 @@ where
 }
 
 /// Whether TLS is on for this part of the handshake.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Tls {
-    /// Not (yet) started.
-    Off,
+#[derive(Clone, Copy)]
+pub enum Tls<'a> {
+    /// Not (yet) started; with an acceptor, it is required (the configuration as it was when
+    /// the client connected: a reload does not change the rules in the middle of a handshake).
+    Off(Option<&'a tokio_rustls::TlsAcceptor>),
     /// Started with STARTTLS: the options now travel over TLS.
     Active,
 }
@@ -219,8 +220,8 @@ pub enum Tls {
 ///
 /// Each option sees the table as it is when the option arrives; an option naming an export
 /// that a reload is replacing waits for its successor. An export the client may not see is
-/// answered as an unknown one. When the table requires TLS and `tls` is [`Tls::Off`], every
-/// option but STARTTLS and ABORT is refused with `NBD_REP_ERR_TLS_REQD`.
+/// answered as an unknown one. When `tls` is [`Tls::Off`] with an acceptor, every option but
+/// STARTTLS and ABORT is refused with `NBD_REP_ERR_TLS_REQD`.
 pub async fn options<S>(
     io: &mut S,
     buf: &mut BytesMut,
@@ -228,7 +229,7 @@ pub async fn options<S>(
     peer: &str,
     client: &ClientId,
     no_zeroes: bool,
-    tls: Tls,
+    tls: Tls<'_>,
 ) -> Result<Outcome, HandshakeError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -257,19 +258,9 @@ where
         fill(io, buf, len as usize).await?;
         let data = buf.split_to(len as usize);
 
-        let exports = match option {
-            opt::EXPORT_NAME => export::settled(shared, &String::from_utf8_lossy(&data)).await,
-            opt::INFO | opt::GO | opt::LIST_META_CONTEXT | opt::SET_META_CONTEXT => {
-                let mut rest = &data[..];
-                match take_string(&mut rest) {
-                    Ok(name) => export::settled(shared, name).await,
-                    Err(_) => shared.load_full(),
-                }
-            }
-            _ => shared.load_full(),
-        };
-        // FORCEDTLS: before TLS, only STARTTLS and ABORT are answered.
-        let tls_required = exports.tls.is_some() && tls == Tls::Off;
+        // FORCEDTLS: before TLS, only STARTTLS and ABORT are answered (before any lookup, so
+        // that nothing about the exports shows).
+        let tls_required = matches!(tls, Tls::Off(Some(_)));
         if tls_required && !matches!(option, opt::STARTTLS | opt::ABORT) {
             if option == opt::EXPORT_NAME {
                 return Err(HandshakeError::TlsRequired);
@@ -284,6 +275,17 @@ where
             out.clear();
             continue;
         }
+        let exports = match option {
+            opt::EXPORT_NAME => export::settled(shared, &String::from_utf8_lossy(&data)).await,
+            opt::INFO | opt::GO | opt::LIST_META_CONTEXT | opt::SET_META_CONTEXT => {
+                let mut rest = &data[..];
+                match take_string(&mut rest) {
+                    Ok(name) => export::settled(shared, name).await,
+                    Err(_) => shared.load_full(),
+                }
+            }
+            _ => shared.load_full(),
+        };
         match option {
             opt::EXPORT_NAME => {
                 let mut table = exports;
@@ -337,9 +339,9 @@ where
                         rep::ERR_INVALID,
                         "NBD_OPT_STARTTLS takes no data",
                     );
-                } else if tls == Tls::Active {
+                } else if let Tls::Active = tls {
                     put_error(&mut out, option, rep::ERR_INVALID, "TLS is already active");
-                } else if let Some(acceptor) = &exports.tls {
+                } else if let Tls::Off(Some(acceptor)) = tls {
                     if !buf.is_empty() {
                         return Err(HandshakeError::DataAfterStartTls);
                     }

@@ -71,7 +71,10 @@ pub async fn serve_connection<S: Connection>(
     shutdown: CancellationToken,
 ) {
     let started = Instant::now();
-    let limits = exports.load().limits;
+    let (limits, acceptor) = {
+        let table = exports.load();
+        (table.limits, table.tls.clone())
+    };
     let deadline = tokio::time::Instant::now() + limits.handshake_timeout;
     let mut buf = BytesMut::with_capacity(4096);
     let mut client = ClientId {
@@ -87,7 +90,7 @@ pub async fn serve_connection<S: Connection>(
             peer,
             &client,
             no_zeroes,
-            Tls::Off,
+            Tls::Off(acceptor.as_ref()),
         )
         .await?;
         Ok::<_, HandshakeError>((o, no_zeroes))

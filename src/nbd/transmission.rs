@@ -181,16 +181,29 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 if buf.capacity() - buf.len() < mode.request_len() {
                     buf.reserve(READ_CHUNK);
                 }
-                // The idle timeout counts only while nothing is in flight: a slow request is
-                // not idleness. (`read_buf` is cancel-safe: nothing read is lost.)
+                // The idle timeout counts only the time nothing is in flight: a slow request is
+                // not idleness, and the count starts again when it is answered. Checked on a
+                // tick a quarter of the timeout long. (`read_buf` is cancel-safe.)
+                let tick = idle.map(|d| (d / 4).max(std::time::Duration::from_millis(10)));
+                let busy = |buf: &BytesMut| {
+                    !buf.is_empty() || budget.available_permits() != BUDGET_UNITS as usize
+                };
+                let mut quiet_since = (!busy(buf)).then(tokio::time::Instant::now);
                 let n = loop {
                     tokio::select! {
                         biased;
                         _ = shutdown.cancelled() => return Ok(End::Shutdown),
                         n = rd.read_buf(buf) => break n?,
-                        _ = sleep_or_never(idle) => {
-                            if buf.is_empty() && budget.available_permits() == BUDGET_UNITS as usize {
-                                return Ok(End::Idle);
+                        _ = sleep_or_never(tick) => {
+                            let now = tokio::time::Instant::now();
+                            if busy(buf) {
+                                quiet_since = None;
+                            } else if let (Some(since), Some(limit)) = (quiet_since, idle) {
+                                if now.duration_since(since) >= limit {
+                                    return Ok(End::Idle);
+                                }
+                            } else {
+                                quiet_since = Some(now);
                             }
                         }
                     }

@@ -208,27 +208,29 @@ impl FileImage {
         &self.path
     }
 
-    /// Runs a blocking call on the blocking pool with the shared file.
     /// A read the page cache can answer whole, done here without handing it to a thread:
-    /// `RWF_NOWAIT` makes the kernel refuse (EAGAIN) instead of waiting for the disk. `None`
-    /// when it cannot, and then for good on a kernel or file system without `RWF_NOWAIT`.
+    /// `RWF_NOWAIT` makes the kernel refuse (EAGAIN) instead of waiting for the disk. Only for
+    /// reads up to 1 MiB, where a refusal costs little. `None` when it cannot, and then for
+    /// good on a kernel or file system without `RWF_NOWAIT`.
     fn read_cached(&self, offset: u64, len: u32) -> Option<Bytes> {
-        if !self.nowait.load(Ordering::Relaxed) {
+        if len > NOWAIT_MAX || !self.nowait.load(Ordering::Relaxed) {
             return None;
         }
         let mut buf = vec![0u8; len as usize];
         let flags = rustix::io::ReadWriteFlags::NOWAIT;
         match rustix::io::preadv2(&*self.file, &mut [IoSliceMut::new(&mut buf)], offset, flags) {
             Ok(n) if n == buf.len() => Some(Bytes::from(buf)),
-            // Partly cached, or past the end: the blocking path reads it properly.
-            Ok(_) | Err(Errno::AGAIN) => None,
-            Err(_) => {
+            Err(Errno::OPNOTSUPP | Errno::NOSYS | Errno::INVAL) => {
                 self.nowait.store(false, Ordering::Relaxed);
                 None
             }
+            // Not cached, partly cached, past the end, or failing: the blocking path reads it
+            // and reports any error.
+            _ => None,
         }
     }
 
+    /// Runs a blocking call on the blocking pool with the shared file.
     async fn blocking<T, F>(&self, op: &'static str, offset: u64, f: F) -> Result<T, BlockError>
     where
         T: Send + 'static,
@@ -245,6 +247,9 @@ impl FileImage {
         }
     }
 }
+
+/// Reads larger than this skip the `RWF_NOWAIT` attempt.
+const NOWAIT_MAX: u32 = 1 << 20;
 
 /// `len` bytes at `offset`, read into fresh memory without zeroing it first.
 fn read_exact_at(f: &File, offset: u64, len: usize) -> io::Result<Vec<u8>> {
