@@ -455,21 +455,11 @@ fn server(value: &Value, config: &mut Config, problems: &mut Vec<Problem>) {
         let path = ["server", key.as_str()];
         match key.as_str() {
             "listen" => {
-                let items: Vec<&Value> = match v {
-                    Value::Array(_, a) => a.iter().collect(),
-                    single => vec![single],
-                };
                 let mut listen = Vec::new();
-                for item in items {
-                    match item {
-                        Value::String(_, s) => match s.parse::<ListenAddr>() {
-                            Ok(a) => listen.push(a),
-                            Err(e) => problems.push(Problem::at(&path, e)),
-                        },
-                        other => problems.push(Problem::at(
-                            &path,
-                            format!("expected addresses as strings, found {}", type_name(other)),
-                        )),
+                for s in strings(v, &path, "addresses", problems) {
+                    match s.parse::<ListenAddr>() {
+                        Ok(a) => listen.push(a),
+                        Err(e) => problems.push(Problem::at(&path, e)),
                     }
                 }
                 if listen.is_empty() {
