@@ -575,41 +575,53 @@ fn read_reply(mode: ReplyMode, req: &Request, chunks: &[ReadChunk], df: bool) ->
         }
         return Frames { parts };
     }
+    // One chunk per run of data (a device may hand a range over in several buffers), one
+    // per hole.
     let mut pos = req.offset;
-    let last = chunks.len().saturating_sub(1);
-    for (i, c) in chunks.iter().enumerate() {
-        let done = i == last;
-        match c {
-            ReadChunk::Data(b) => {
-                wire::chunk_header(
-                    &mut hdr,
-                    mode,
-                    done,
-                    reply::OFFSET_DATA,
-                    req.cookie,
-                    req.offset,
-                    8 + b.len() as u64,
-                );
-                hdr.put_u64(pos);
-                parts.push(hdr.split().freeze());
-                parts.push(b.clone());
-            }
-            ReadChunk::Zero(n) => {
-                wire::chunk_header(
-                    &mut hdr,
-                    mode,
-                    done,
-                    reply::OFFSET_HOLE,
-                    req.cookie,
-                    req.offset,
-                    12,
-                );
-                hdr.put_u64(pos);
-                hdr.put_u32(*n);
-                parts.push(hdr.split().freeze());
-            }
+    let mut rest = chunks;
+    while let Some(first) = rest.first() {
+        let run = match first {
+            ReadChunk::Data(_) => rest
+                .iter()
+                .take_while(|c| matches!(c, ReadChunk::Data(_)))
+                .count(),
+            ReadChunk::Zero(_) => 1,
+        };
+        let (now, later) = rest.split_at(run);
+        rest = later;
+        let len: u64 = now.iter().map(|c| u64::from(c.len())).sum();
+        let done = rest.is_empty();
+        if let ReadChunk::Zero(n) = first {
+            wire::chunk_header(
+                &mut hdr,
+                mode,
+                done,
+                reply::OFFSET_HOLE,
+                req.cookie,
+                req.offset,
+                12,
+            );
+            hdr.put_u64(pos);
+            hdr.put_u32(*n);
+            parts.push(hdr.split().freeze());
+        } else {
+            wire::chunk_header(
+                &mut hdr,
+                mode,
+                done,
+                reply::OFFSET_DATA,
+                req.cookie,
+                req.offset,
+                8 + len,
+            );
+            hdr.put_u64(pos);
+            parts.push(hdr.split().freeze());
+            parts.extend(now.iter().filter_map(|c| match c {
+                ReadChunk::Data(b) => Some(b.clone()),
+                ReadChunk::Zero(_) => None,
+            }));
         }
-        pos += u64::from(c.len());
+        pos += len;
     }
     Frames { parts }
 }
@@ -724,4 +736,79 @@ async fn write_all_vectored<W: AsyncWrite + Unpin>(wr: &mut W, parts: &[&Bytes])
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nbd::proto::{REPLY_FLAG_DONE, STRUCTURED_REPLY_MAGIC};
+
+    fn wire_bytes(frames: &Frames) -> Vec<u8> {
+        frames
+            .parts
+            .iter()
+            .flat_map(|b| b.iter().copied())
+            .collect()
+    }
+
+    fn chunk(flags: u16, kind: u16, cookie: u64, payload: &[u8]) -> Vec<u8> {
+        let mut v = Vec::new();
+        v.extend_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
+        v.extend_from_slice(&flags.to_be_bytes());
+        v.extend_from_slice(&kind.to_be_bytes());
+        v.extend_from_slice(&cookie.to_be_bytes());
+        v.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+        v.extend_from_slice(payload);
+        v
+    }
+
+    #[test]
+    fn a_read_sends_one_chunk_per_run_of_data_and_one_per_hole() {
+        let req = Request {
+            flags: 0,
+            kind: cmd::READ,
+            cookie: 7,
+            offset: 1000,
+            length: 10,
+            payload: 0,
+        };
+        // A device that hands a range over in pieces: two buffers, a hole, one more buffer.
+        let chunks = [
+            ReadChunk::Data(Bytes::from_static(b"abc")),
+            ReadChunk::Data(Bytes::from_static(b"de")),
+            ReadChunk::Zero(4),
+            ReadChunk::Data(Bytes::from_static(b"f")),
+        ];
+        let got = wire_bytes(&read_reply(ReplyMode::Structured, &req, &chunks, false));
+        let mut want = Vec::new();
+        want.extend(chunk(
+            0,
+            reply::OFFSET_DATA,
+            7,
+            b"\0\0\0\0\0\0\x03\xe8abcde",
+        ));
+        want.extend(chunk(
+            0,
+            reply::OFFSET_HOLE,
+            7,
+            b"\0\0\0\0\0\0\x03\xed\0\0\0\x04",
+        ));
+        want.extend(chunk(
+            REPLY_FLAG_DONE,
+            reply::OFFSET_DATA,
+            7,
+            b"\0\0\0\0\0\0\x03\xf1f",
+        ));
+        assert_eq!(got, want);
+
+        // With DF, one chunk carries everything, the hole as zeroes.
+        let got = wire_bytes(&read_reply(ReplyMode::Structured, &req, &chunks, true));
+        let want = chunk(
+            REPLY_FLAG_DONE,
+            reply::OFFSET_DATA,
+            7,
+            b"\0\0\0\0\0\0\x03\xe8abcde\0\0\0\0f",
+        );
+        assert_eq!(got, want);
+    }
 }
