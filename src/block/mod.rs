@@ -9,6 +9,7 @@
 //! `Arc<dyn BlockDevice>` and must implement every method: silently passing an operation
 //! through that a layer does not understand corrupts data (nbdkit's warning, kept here).
 
+pub mod buffers;
 pub mod cache;
 pub mod fault;
 pub mod retry;

@@ -17,6 +17,7 @@ use bytes::Bytes;
 use rustix::fs::{FallocateFlags, SeekFrom};
 use rustix::io::Errno;
 
+use crate::block::buffers::Buffer;
 use crate::block::{
     BlockDevice, BlockError, BlockSizes, DeviceInfo, Extent, ReadData, STATE_HOLE, STATE_ZERO,
     ZeroFlags,
@@ -222,10 +223,23 @@ impl FileImage {
         if len > NOWAIT_MAX || !self.nowait.load(Ordering::Relaxed) {
             return None;
         }
-        let mut buf = vec![0u8; len as usize];
+        let len = len as usize;
+        // Large reads reuse a buffer; small ones are cheaper to zero than to pool.
+        let mut pooled = Buffer::take(len);
+        let mut small = Vec::new();
+        let into = match &mut pooled {
+            Some(b) => &mut b.as_mut_slice()[..len],
+            None => {
+                small.resize(len, 0);
+                &mut small[..]
+            }
+        };
         let flags = rustix::io::ReadWriteFlags::NOWAIT;
-        match rustix::io::preadv2(&*self.file, &mut [IoSliceMut::new(&mut buf)], offset, flags) {
-            Ok(n) if n == buf.len() => Some(Bytes::from(buf)),
+        match rustix::io::preadv2(&*self.file, &mut [IoSliceMut::new(into)], offset, flags) {
+            Ok(n) if n == len => Some(match pooled {
+                Some(b) => b.freeze(len),
+                None => Bytes::from(small),
+            }),
             Err(Errno::OPNOTSUPP | Errno::NOSYS | Errno::INVAL) => {
                 self.nowait.store(false, Ordering::Relaxed);
                 None
