@@ -106,6 +106,10 @@ pub const STAGES: &[Stage] = &[
                 doc: "\"write-back\" or \"write-through\" (default \"write-back\")",
             },
             Param {
+                name: "flush",
+                doc: "where write-back FLUSH and FUA make data durable: \"store\" (default) or \"local\" (the cache's disk; uploads follow)",
+            },
+            Param {
                 name: "max_dirty",
                 doc: "most bytes written but not yet uploaded; writers wait beyond it (default: 256MiB or size/4)",
             },

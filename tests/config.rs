@@ -641,3 +641,36 @@ fn log_level_from_the_file_applies_and_reloads_unless_rust_log_is_set() {
     assert!(!s.log().contains("transmission started"), "{}", s.log());
     assert!(s.stop().success());
 }
+
+#[test]
+fn cache_flush_values_are_checked() {
+    let dir = Scratch::new("config-flush");
+    let text = r#"[exports.a]
+pipeline = "cache -> sharded -> file"
+size = "1GiB"
+[exports.a.file]
+path = "/tmp/nbd-rs-never-a/"
+[exports.a.cache]
+flush = "disk"
+
+[exports.b]
+pipeline = "cache -> sharded -> file"
+size = "1GiB"
+[exports.b.file]
+path = "/tmp/nbd-rs-never-b/"
+[exports.b.cache]
+mode = "write-through"
+flush = "local"
+"#;
+    let cfg = write(&dir, "flush.toml", text);
+    let (code, out, err) = nbd_rs(&["check", "--config", &cfg], &[]);
+    assert_eq!((code, out.as_str()), (1, ""));
+    assert_eq!(
+        err,
+        format!(
+            "nbd-rs: error: {cfg}:7: export \"a\", stage \"cache\", key \"flush\": unknown value \"disk\" (known: store, local)\n\
+             nbd-rs: error: {cfg}:16: export \"b\", stage \"cache\", key \"flush\": flush = \"local\" needs mode = \"write-back\": in write-through mode every write is in the store when it returns\n\
+             nbd-rs: 2 problem(s) found\n"
+        )
+    );
+}

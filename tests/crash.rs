@@ -202,3 +202,26 @@ fn cached_sharded_s3_keeps_every_durable_write_across_sigkill() {
     let plain = |d: &Scratch| format!("[exports.vol]\npipeline = \"sharded -> s3\"\n{}", s3(d));
     crash_and_check("crash-s3", &config, Some(&plain));
 }
+
+/// `flush = "local"`: FLUSH and FUA return once the cache's disk holds the data, so what they
+/// acknowledged survives a SIGKILL in the cache, and reaches S3 after the restart.
+#[test]
+fn cached_sharded_s3_with_local_flush_keeps_every_durable_write_across_sigkill() {
+    let m = Moto::start();
+    m.create_bucket("crash-local");
+    let endpoint = m.endpoint();
+    let s3 = move |_: &Scratch| {
+        format!(
+            "[exports.vol.s3]\nendpoint = \"{endpoint}\"\nbucket = \"crash-local\"\nprefix = \"vol\"\naccess_key_id = \"KEY\"\nsecret_access_key = \"SECRET\"\n"
+        )
+    };
+    let config = |d: &Scratch| {
+        format!(
+            "[exports.vol]\npipeline = \"cache -> sharded -> s3\"\nsize = \"16MiB\"\n[exports.vol.sharded]\nchunk_size = \"1MiB\"\n{}{}flush = \"local\"\n",
+            s3(d),
+            cache(d)
+        )
+    };
+    let plain = |d: &Scratch| format!("[exports.vol]\npipeline = \"sharded -> s3\"\n{}", s3(d));
+    crash_and_check("crash-s3-local", &config, Some(&plain));
+}
