@@ -6,15 +6,21 @@
 #   file    nbd-rs -e disk raw file:IMG           vs  nbdkit file IMG2  (both 1 GiB, fallocated, same fs)
 #   s3      nbd-rs -e vol sharded s3:URL?size=128MiB  vs  nbdkit --filter=blocksize S3 object-size=4M
 #           against one moto_server; nbdcopy --flush of 128 MiB in, then a cold read to null:
+#   cache   nbd-rs cache -> sharded -> s3 (moto), with flush = "store" (pair s3cache) and
+#           flush = "local" (pair s3local), vs nbd-rs raw -> file (the "nbdkit" column here):
+#           4 KiB random writes at depth 32 with a FLUSH every 256 (fio --fsync=256); each
+#           server is started for its run and stopped after it (the stop uploads, unmeasured);
+#           the cache is 2 GiB with max_dirty = CACHE_MAX_DIRTY (default 2GiB: the 512 MiB span
+#           stays under the upload pressure mark, max_dirty / 2)
 # For memory and file: the four fio jobs of shared/bench/nbd-fio.sh (throughput, median of the
 # rounds), then server CPU per operation from /proc/PID/stat around fixed-count fio jobs.
 # Ratios are nbd-rs / nbdkit: above 1 is better for throughput, below 1 is better for CPU/op.
 #
-# Usage: bench/compare.sh [--rounds N] [--rt SECS] [--only memory|file|s3] [--bin PATH]
+# Usage: bench/compare.sh [--rounds N] [--rt SECS] [--only memory|file|s3|cache] [--bin PATH]
 #                         [--no-fio] [--no-cpu] [--cpu-scale F]
 #   --rounds N     rounds per measurement (default 3); order of the servers alternates
 #   --rt SECS      seconds per throughput job (default 8), plus 1 s ramp
-#   --only PAIR    memory, file or s3 (repeatable; default memory and file)
+#   --only PAIR    memory, file, s3 or cache (repeatable; default memory and file)
 #   --bin PATH     the nbd-rs binary (default target/release/nbd-rs, built if missing)
 #   --no-fio / --no-cpu   skip the throughput or the CPU part
 #   --cpu-scale F  multiply the op counts of the CPU jobs (default 1: 200k x 4 KiB, 4k x 1 MiB)
@@ -39,7 +45,7 @@ while [ $# -gt 0 ]; do
 done
 [ ${#ONLY[@]} -eq 0 ] && ONLY=(memory file)
 for p in "${ONLY[@]}"; do
-  case $p in memory|file|s3) ;; *) echo "compare.sh: --only memory|file|s3, not $p" >&2; exit 2 ;; esac
+  case $p in memory|file|s3|cache) ;; *) echo "compare.sh: --only memory|file|s3|cache, not $p" >&2; exit 2 ;; esac
 done
 for tool in nbdkit nbdinfo fio nbdcopy python3; do
   command -v $tool >/dev/null || { echo "compare.sh: $tool is missing" >&2; exit 1; }
@@ -214,6 +220,43 @@ run_s3() {
     done
   done
   stop $m
+}
+
+run_cache() {
+  command -v moto_server >/dev/null || { echo "compare.sh: cache needs moto_server (pip install 'moto[server]')" >&2; return 1; }
+  local pm r v order port a iops
+  pm=$(free_port); start moto-cache moto_server -H 127.0.0.1 -p "$pm"
+  for r in $(seq 100); do curl -sf "http://127.0.0.1:$pm/" >/dev/null && break; sleep 0.2; done
+  curl -sf -X PUT "http://127.0.0.1:$pm/benchcache" >/dev/null || { echo "compare.sh: cannot create a bucket in moto" >&2; return 1; }
+  fallocate -l 1G "$WORK/cache-file.img" 2>/dev/null || truncate -s 1G "$WORK/cache-file.img"
+  # variant -> config body (one export named vol)
+  cache_config() {
+    case $1 in
+      file) printf '[exports.vol]\npipeline = "raw -> file"\nsize = "1GiB"\n[exports.vol.file]\npath = "%s/cache-file.img"\n' "$WORK" ;;
+      *) printf '[exports.vol]\npipeline = "cache -> sharded -> s3"\nsize = "1GiB"\n[exports.vol.s3]\nendpoint = "http://127.0.0.1:%s"\nbucket = "benchcache"\nprefix = "%s"\naccess_key_id = "KEY"\nsecret_access_key = "SECRET"\n[exports.vol.cache]\npath = "%s/cache-%s"\nsize = "2GiB"\nmax_dirty = "%s"\nflush = "%s"\n' "$pm" "$1" "$WORK" "$1" "${CACHE_MAX_DIRTY:-2GiB}" "${1#s3}" ;;
+    esac
+  }
+  for r in $(seq "$ROUNDS"); do
+    if [ $((r % 2)) = 1 ]; then order="file s3store s3local"; else order="s3local s3store file"; fi
+    for v in $order; do
+      port=$(free_port)
+      { printf '[server]\nlisten = ["127.0.0.1:%s"]\n' "$port"; cache_config "$v"; } >"$WORK/cache-$v.toml"
+      start "cache-$v-$r" "$BIN" --config "$WORK/cache-$v.toml"; a=$SPID
+      wait_up "nbd://127.0.0.1:$port/vol" $a
+      iops=$(fio --name=j --ioengine=nbd --uri="nbd://127.0.0.1:$port/vol" --rw=randwrite --bs=4k \
+        --iodepth=32 --fsync=256 --size="$SIZE" --time_based --runtime="$RT" --ramp_time=1 \
+        --output-format=terse --terse-version=3 2>/dev/null | awk -F';' '$8+$49>0 { print $8+$49 }')
+      case $v in
+        file) echo "s3store randw4k+fl256 IOPS ref ${iops:-nan}" >>"$RESULTS"
+              echo "s3local randw4k+fl256 IOPS ref ${iops:-nan}" >>"$RESULTS" ;;
+        s3store) echo "s3cache randw4k+fl256 IOPS rs ${iops:-nan}" >>"$RESULTS" ;;
+        s3local) echo "s3local randw4k+fl256 IOPS rs ${iops:-nan}" >>"$RESULTS" ;;
+      esac
+      echo "  [cache round $r] $v: ${iops:-?} IOPS" >&2
+      stop $a
+    done
+  done
+  sed -i 's/^s3store /s3cache /' "$RESULTS"
 }
 
 echo "nbd-rs: $BIN ($("$BIN" --version 2>/dev/null)), reference: $(nbdkit --version); rounds=$ROUNDS rt=${RT}s size=$SIZE" >&2

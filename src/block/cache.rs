@@ -138,6 +138,7 @@ use futures::{StreamExt, TryStreamExt};
 use serde::{Deserialize, Deserializer};
 use tokio::sync::{Notify, Semaphore, watch};
 
+use crate::block::inline::InlineWrites;
 use crate::block::{
     BlockDevice, BlockError, DeviceInfo, Extent, MAX_PAYLOAD, ReadData, STATE_HOLE, STATE_ZERO,
     ZeroFlags,
@@ -1439,6 +1440,8 @@ struct Shared {
     record_len: usize,
     mode: CacheMode,
     flush_to: FlushTo,
+    /// Whether small writes into slots run on the async worker.
+    inline: InlineWrites,
     max_dirty: u64,
     upload_concurrency: usize,
     state: Mutex<State>,
@@ -1977,7 +1980,8 @@ impl Shared {
         };
         let _content = content.lock_owned().await;
         let shared = Arc::clone(self);
-        let result = blocking(move || {
+        let inline = self.inline.allowed(data.len());
+        let write = move || {
             let r = shared
                 .data
                 .write_all_at(&data, shared.slot_offset(slot) + start);
@@ -1995,8 +1999,13 @@ impl Shared {
             );
             shared.changed.notify_waiters();
             r.map(|()| seq)
-        })
-        .await;
+        };
+        // A small write goes straight to the page cache, as on a raw image (`block::inline`).
+        let result = if inline {
+            self.inline.run(write)
+        } else {
+            blocking(write).await
+        };
         self.kick.notify_one();
         match result {
             Ok(seq) => Ok((id, seq)),
@@ -3006,6 +3015,7 @@ impl CacheLayer {
             mode: params.mode,
             max_dirty,
             flush_to: params.flush,
+            inline: InlineWrites::default(),
             upload_concurrency: params.upload_concurrency,
             state: Mutex::new(st),
             ranges: Arc::new(RangeLocks::default()),

@@ -12,6 +12,7 @@
 pub mod buffers;
 pub mod cache;
 pub mod fault;
+pub mod inline;
 pub mod retry;
 
 use std::fmt;

@@ -10,7 +10,7 @@ use std::io::{self, IoSliceMut};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -18,6 +18,7 @@ use rustix::fs::{FallocateFlags, SeekFrom};
 use rustix::io::Errno;
 
 use crate::block::buffers::Buffer;
+use crate::block::inline::InlineWrites;
 use crate::block::{
     BlockDevice, BlockError, BlockSizes, DeviceInfo, Extent, ReadData, STATE_HOLE, STATE_ZERO,
     ZeroFlags,
@@ -69,10 +70,8 @@ pub struct FileImage {
     file: Arc<File>,
     /// Reads try `RWF_NOWAIT` first (cleared if the kernel refuses the flag).
     nowait: AtomicBool,
-    /// When the image was opened: the clock for `inline_from`.
-    opened: std::time::Instant,
-    /// Nanoseconds after `opened` from which small writes may run inline again.
-    inline_from: AtomicU64,
+    /// Whether small writes run on the async worker.
+    inline: InlineWrites,
 }
 
 impl std::fmt::Debug for FileImage {
@@ -149,8 +148,7 @@ impl FileImage {
             path: path.to_owned(),
             file: Arc::new(file),
             nowait: AtomicBool::new(true),
-            opened: std::time::Instant::now(),
-            inline_from: AtomicU64::new(0),
+            inline: InlineWrites::default(),
         })
     }
 
@@ -250,19 +248,6 @@ impl FileImage {
         }
     }
 
-    /// True unless a recent inline write was slow.
-    fn inline_writes(&self) -> bool {
-        self.opened.elapsed().as_nanos() as u64 >= self.inline_from.load(Ordering::Relaxed)
-    }
-
-    /// Sends small writes through the thread pool for a while: the page cache is pushing back
-    /// (dirty pages being throttled), and a worker must not wait for it.
-    fn pause_inline_writes(&self) {
-        let until = self.opened.elapsed() + INLINE_PAUSE;
-        self.inline_from
-            .store(until.as_nanos() as u64, Ordering::Relaxed);
-    }
-
     /// Runs a blocking call on the blocking pool with the shared file.
     async fn blocking<T, F>(&self, op: &'static str, offset: u64, f: F) -> Result<T, BlockError>
     where
@@ -280,17 +265,6 @@ impl FileImage {
         }
     }
 }
-
-/// Writes up to this size without FUA go straight to the page cache from the async worker: a
-/// buffered pwrite of a few KiB takes microseconds, and handing it to a thread costs several
-/// times that (server CPU per 4 KiB random write fell from 51 to 14 us). FUA writes, large
-/// ones, and all of them for [`INLINE_PAUSE`] after one took longer than [`SLOW_WRITE`] go
-/// through the thread pool.
-const INLINE_WRITE_MAX: usize = 64 * 1024;
-/// An inline write slower than this means the kernel is throttling dirty pages.
-const SLOW_WRITE: std::time::Duration = std::time::Duration::from_millis(2);
-/// How long small writes then go through the thread pool.
-const INLINE_PAUSE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Reads larger than this skip the `RWF_NOWAIT` attempt.
 const NOWAIT_MAX: u32 = 1 << 20;
@@ -395,16 +369,13 @@ impl BlockDevice for FileImage {
         if self.info.read_only {
             return Err(BlockError::ReadOnly);
         }
-        if !fua && data.len() <= INLINE_WRITE_MAX && self.inline_writes() {
-            let started = std::time::Instant::now();
-            let written = self
-                .file
-                .write_all_at(&data, offset)
+        // Small writes go straight to the page cache (see `block::inline`); FUA ones need a
+        // sync, which waits for the disk, so they go through the pool.
+        if !fua && self.inline.allowed(data.len()) {
+            return self
+                .inline
+                .run(|| self.file.write_all_at(&data, offset))
                 .map_err(|e| BlockError::io("write", offset, e));
-            if started.elapsed() > SLOW_WRITE {
-                self.pause_inline_writes();
-            }
-            return written;
         }
         self.blocking("write", offset, move |f| {
             f.write_all_at(&data, offset)?;
@@ -515,13 +486,13 @@ mod tests {
     async fn small_writes_run_inline_until_one_is_slow_and_reach_the_file_either_way() {
         let p = tmp("inline");
         let img = FileImage::open(&p, Some(1 << 20), false).unwrap();
-        assert!(img.inline_writes());
+        assert!(img.inline.allowed(4096));
         img.write(4096, Bytes::from(vec![7u8; 4096]), false)
             .await
             .unwrap();
         // A slow write sends the next ones through the pool for a while.
-        img.pause_inline_writes();
-        assert!(!img.inline_writes());
+        img.inline.pause();
+        assert!(!img.inline.allowed(4096));
         img.write(8192, Bytes::from(vec![9u8; 4096]), false)
             .await
             .unwrap();
@@ -529,8 +500,8 @@ mod tests {
         std::fs::remove_file(&p).unwrap();
         assert!(back[4096..8192].iter().all(|&b| b == 7));
         assert!(back[8192..12288].iter().all(|&b| b == 9));
-        img.inline_from.store(0, Ordering::Relaxed);
-        assert!(img.inline_writes());
+        img.inline.resume();
+        assert!(img.inline.allowed(4096));
     }
 
     #[test]
