@@ -2,7 +2,8 @@
 //! writes in flight (some with FUA, a FLUSH every so often); a new server on the same storage
 //! must then hold every write that was acknowledged with FUA or covered by an acknowledged
 //! FLUSH, for every durable pipeline: raw and sharded files, the write-back cache over files
-//! and over S3, and a pipeline with faults injected under its retries.
+//! and over S3 (with `flush = "store"` and `"local"`), and a pipeline with faults injected
+//! under its retries.
 //!
 //! The moment of the kill and the client's writes come from a seed, printed by each test;
 //! `NBD_RS_CRASH_SEED=N cargo test --test crash` replays one. (`raw -> memory` is left out: a
@@ -184,44 +185,34 @@ fn faulty_store_under_retries_keeps_every_durable_write_across_sigkill() {
 
 #[test]
 fn cached_sharded_s3_keeps_every_durable_write_across_sigkill() {
-    let m = Moto::start();
-    m.create_bucket("crash");
-    let endpoint = m.endpoint();
-    let s3 = move |_: &Scratch| {
-        format!(
-            "[exports.vol.s3]\nendpoint = \"{endpoint}\"\nbucket = \"crash\"\nprefix = \"vol\"\naccess_key_id = \"KEY\"\nsecret_access_key = \"SECRET\"\n"
-        )
-    };
-    let config = |d: &Scratch| {
-        format!(
-            "[exports.vol]\npipeline = \"cache -> sharded -> s3\"\nsize = \"16MiB\"\n[exports.vol.sharded]\nchunk_size = \"1MiB\"\n{}{}",
-            s3(d),
-            cache(d)
-        )
-    };
-    let plain = |d: &Scratch| format!("[exports.vol]\npipeline = \"sharded -> s3\"\n{}", s3(d));
-    crash_and_check("crash-s3", &config, Some(&plain));
+    cached_s3_crash("crash-s3", "crash", "");
 }
 
 /// `flush = "local"`: FLUSH and FUA return once the cache's disk holds the data, so what they
 /// acknowledged survives a SIGKILL in the cache, and reaches S3 after the restart.
 #[test]
 fn cached_sharded_s3_with_local_flush_keeps_every_durable_write_across_sigkill() {
+    cached_s3_crash("crash-s3-local", "crash-local", "flush = \"local\"\n");
+}
+
+/// `cache -> sharded -> s3` on a bucket of its own, with `cache_keys` added to the cache's
+/// table; afterwards the volume is read through plain `sharded -> s3`.
+fn cached_s3_crash(tag: &str, bucket: &str, cache_keys: &str) {
     let m = Moto::start();
-    m.create_bucket("crash-local");
+    m.create_bucket(bucket);
     let endpoint = m.endpoint();
     let s3 = move |_: &Scratch| {
         format!(
-            "[exports.vol.s3]\nendpoint = \"{endpoint}\"\nbucket = \"crash-local\"\nprefix = \"vol\"\naccess_key_id = \"KEY\"\nsecret_access_key = \"SECRET\"\n"
+            "[exports.vol.s3]\nendpoint = \"{endpoint}\"\nbucket = \"{bucket}\"\nprefix = \"vol\"\naccess_key_id = \"KEY\"\nsecret_access_key = \"SECRET\"\n"
         )
     };
     let config = |d: &Scratch| {
         format!(
-            "[exports.vol]\npipeline = \"cache -> sharded -> s3\"\nsize = \"16MiB\"\n[exports.vol.sharded]\nchunk_size = \"1MiB\"\n{}{}flush = \"local\"\n",
+            "[exports.vol]\npipeline = \"cache -> sharded -> s3\"\nsize = \"16MiB\"\n[exports.vol.sharded]\nchunk_size = \"1MiB\"\n{}{}{cache_keys}",
             s3(d),
             cache(d)
         )
     };
     let plain = |d: &Scratch| format!("[exports.vol]\npipeline = \"sharded -> s3\"\n{}", s3(d));
-    crash_and_check("crash-s3-local", &config, Some(&plain));
+    crash_and_check(tag, &config, Some(&plain));
 }
