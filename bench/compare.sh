@@ -247,7 +247,7 @@ run_cache() {
         --iodepth=32 --fsync=256 --size="$SIZE" --time_based --runtime="$RT" --ramp_time=1 \
         --output-format=terse --terse-version=3 2>/dev/null | awk -F';' '$8+$49>0 { print $8+$49 }')
       case $v in
-        file) echo "s3store randw4k+fl256 IOPS ref ${iops:-nan}" >>"$RESULTS"
+        file) echo "s3cache randw4k+fl256 IOPS ref ${iops:-nan}" >>"$RESULTS"
               echo "s3local randw4k+fl256 IOPS ref ${iops:-nan}" >>"$RESULTS" ;;
         s3store) echo "s3cache randw4k+fl256 IOPS rs ${iops:-nan}" >>"$RESULTS" ;;
         s3local) echo "s3local randw4k+fl256 IOPS rs ${iops:-nan}" >>"$RESULTS" ;;
@@ -256,7 +256,6 @@ run_cache() {
       stop $a
     done
   done
-  sed -i 's/^s3store /s3cache /' "$RESULTS"
 }
 
 echo "nbd-rs: $BIN ($("$BIN" --version 2>/dev/null)), reference: $(nbdkit --version); rounds=$ROUNDS rt=${RT}s size=$SIZE" >&2
