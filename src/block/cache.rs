@@ -1340,6 +1340,26 @@ impl Drop for FillGuard {
     }
 }
 
+/// An upload recorded in the state but not yet running. It is spawned only once the state
+/// lock is released: a runtime that is shutting down drops a task the moment it is spawned,
+/// and the guard's drop takes the lock (spawning under the lock deadlocked on shutdown).
+#[must_use = "an upload recorded in the state must be spawned"]
+struct NewUpload(UploadGuard);
+
+impl NewUpload {
+    fn spawn(self) {
+        let NewUpload(mut guard) = self;
+        let block = guard.block;
+        let id = guard.id;
+        tokio::spawn(async move {
+            let shared = Arc::clone(&guard.shared);
+            let result = shared.upload_once(block, id).await;
+            // The guard's drop reports it.
+            guard.result.replace(result);
+        });
+    }
+}
+
 /// Finishes an upload, even a cancelled one: clears the entry's upload, counts failures and
 /// tells the waiters.
 struct UploadGuard {
@@ -2056,7 +2076,7 @@ impl Shared {
         seq: u64,
     ) -> Result<(), BlockError> {
         loop {
-            let mut rx = {
+            let (mut rx, started) = {
                 let mut st = self.lock();
                 let Some(e) = st.entry_mut(block, id) else {
                     return Ok(());
@@ -2065,10 +2085,13 @@ impl Shared {
                     return Ok(());
                 }
                 match self.start_upload(&mut st, block) {
-                    Some(rx) => rx,
+                    Some(upload) => upload,
                     None => return Ok(()),
                 }
             };
+            if let Some(upload) = started {
+                upload.spawn();
+            }
             let outcome = match rx.wait_for(Option::is_some).await {
                 Ok(v) => v.clone().unwrap_or(Ok(())),
                 Err(_) => Err("the upload was abandoned".to_owned()),
@@ -2083,34 +2106,29 @@ impl Shared {
         }
     }
 
-    /// The upload of `block` in flight, or a new one.
+    /// The upload of `block` in flight, or a new one: then also the upload to spawn once `st`
+    /// is unlocked.
     fn start_upload(
         self: &Arc<Self>,
         st: &mut State,
         block: u64,
-    ) -> Option<watch::Receiver<UploadResult>> {
+    ) -> Option<(watch::Receiver<UploadResult>, Option<NewUpload>)> {
         let e = st.entries.get_mut(&block)?;
         if let Some(rx) = &e.upload {
-            return Some(rx.clone());
+            return Some((rx.clone(), None));
         }
         let (tx, rx) = watch::channel(None);
         e.upload = Some(rx.clone());
         let id = e.id;
         st.uploads += 1;
-        let mut guard = UploadGuard {
+        let guard = UploadGuard {
             shared: Arc::clone(self),
             block,
             id,
             tx,
             result: None,
         };
-        tokio::spawn(async move {
-            let shared = Arc::clone(&guard.shared);
-            let result = shared.upload_once(block, id).await;
-            // The guard's drop reports it.
-            guard.result.replace(result);
-        });
-        Some(rx)
+        Some((rx, Some(NewUpload(guard))))
     }
 
     /// Writes a dirty block below, whole, completing it from below first if it is cached in
@@ -2228,8 +2246,13 @@ impl Shared {
         if picks.is_empty() && st.uploads == 0 {
             picks = fallback;
         }
-        for block in picks {
-            self.start_upload(&mut st, block);
+        let started: Vec<NewUpload> = picks
+            .into_iter()
+            .filter_map(|block| self.start_upload(&mut st, block).and_then(|(_, new)| new))
+            .collect();
+        drop(st);
+        for upload in started {
+            upload.spawn();
         }
         next.map(|t| t.saturating_duration_since(now))
     }
@@ -4660,6 +4683,48 @@ mod tests {
             assert_eq!(read(&probe.mem, 3 * BS, BS as u32).await, b3);
             c.close().await.unwrap();
         });
+    }
+
+    #[test]
+    fn an_upload_started_as_the_runtime_shuts_down_is_dropped_without_a_deadlock() {
+        // A runtime that is shutting down drops a task the moment it is spawned, and an
+        // upload's drop takes the state lock: spawned under that lock, it deadlocked (this
+        // hung CI once, in the test below).
+        let dir = tmp_dir("shutdown-spawn");
+        let probe = Probe::new(4 * BS);
+        let rt = runtime();
+        let c = rt.block_on(async {
+            let c = open(
+                &probe,
+                CacheParams {
+                    max_dirty: Some(BS),
+                    ..params(2, CacheMode::WriteBack)
+                },
+                &dir,
+            )
+            .await;
+            c.pause_background();
+            c.write(0, pattern(1, BS as usize), false).await.unwrap();
+            c
+        });
+        let handle = rt.handle().clone();
+        drop(rt);
+        let (done, finished) = std::sync::mpsc::channel();
+        let shared = Arc::clone(&c.shared);
+        std::thread::spawn(move || {
+            let _runtime = handle.enter();
+            shared.background_paused.store(false, Ordering::SeqCst);
+            // Over the write-back bound: the block is due, and its upload is spawned.
+            shared.schedule_uploads();
+            let _ = done.send(shared.lock().uploads);
+        });
+        let uploads = finished
+            .recv_timeout(Duration::from_secs(30))
+            .expect("scheduling an upload on a runtime that shut down returns");
+        assert_eq!(uploads, 0, "the dropped upload is no longer counted");
+        assert_eq!(c.dirty_bytes(), BS, "and the block stays dirty");
+        assert_eq!(probe.writes(), 0);
+        drop(c);
     }
 
     #[test]
