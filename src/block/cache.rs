@@ -4663,10 +4663,12 @@ mod tests {
         assert_eq!(below(0, BS as u32), pattern(1, BS as usize));
         assert_eq!(below(BS, BS as u32), vec![0; BS as usize]);
         assert_eq!(below(2 * BS, BS as u32), old);
-        probe.open_writes();
         crashing(async {
             let c = back(&probe, 8, &dir).await;
+            // Writes are still held, so that the replayed blocks cannot be uploaded (and
+            // clean) before they are counted.
             assert!(c.dirty_bytes() >= 2 * BS);
+            probe.open_writes();
             let mut b1 = pattern(2, BS as usize).to_vec();
             b1[100..150].copy_from_slice(&pattern(4, 50));
             let mut b2 = old.to_vec();
