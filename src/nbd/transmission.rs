@@ -32,6 +32,12 @@ const MAX_BATCH: usize = 128;
 const MAX_IOVECS: usize = 1024;
 /// Read-ahead buffer: refilled in steps of this size.
 const READ_CHUNK: usize = 128 * 1024;
+/// A connection that sends nothing for this long gives its read-ahead buffer back and waits
+/// with an [`IDLE_BUF`]-byte one, so that idle connections cost a few KiB each, not
+/// [`READ_CHUNK`]: the allocator hands the memory to busy ones. The next request that does not
+/// fit takes a full buffer again.
+const IDLE_RELEASE: std::time::Duration = std::time::Duration::from_secs(1);
+const IDLE_BUF: usize = 1024;
 
 static ZEROES: [u8; 1 << 20] = [0; 1 << 20];
 
@@ -174,6 +180,8 @@ async fn read_loop<R: AsyncRead + Unpin>(
     stats: &mut Stats,
 ) -> Result<End, TransmissionError> {
     let mode = session.mode;
+    let release_timer = tokio::time::sleep(IDLE_RELEASE);
+    tokio::pin!(release_timer);
     loop {
         let req = match wire::parse_request(buf, mode) {
             Ok(Some(r)) => r,
@@ -189,11 +197,24 @@ async fn read_loop<R: AsyncRead + Unpin>(
                     !buf.is_empty() || budget.available_permits() != BUDGET_UNITS as usize
                 };
                 let mut quiet_since = (!busy(buf)).then(tokio::time::Instant::now);
+                // One timer for the connection, pushed back at each wait: moving a deadline
+                // later costs no timer-wheel work.
+                let mut release = buf.is_empty() && buf.capacity() > IDLE_BUF;
+                if release {
+                    release_timer
+                        .as_mut()
+                        .reset(tokio::time::Instant::now() + IDLE_RELEASE);
+                }
                 let n = loop {
                     tokio::select! {
                         biased;
                         _ = shutdown.cancelled() => return Ok(End::Shutdown),
                         n = rd.read_buf(buf) => break n?,
+                        _ = release_timer.as_mut(), if release => {
+                            // Still empty: `read_buf` would have returned first.
+                            *buf = BytesMut::with_capacity(IDLE_BUF);
+                            release = false;
+                        }
                         _ = sleep_or_never(tick) => {
                             let now = tokio::time::Instant::now();
                             if busy(buf) {
