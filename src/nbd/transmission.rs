@@ -182,6 +182,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
     let mode = session.mode;
     let release_timer = tokio::time::sleep(IDLE_RELEASE);
     tokio::pin!(release_timer);
+    let mut stop_seen = false;
     loop {
         let req = match wire::parse_request(buf, mode) {
             Ok(Some(r)) => r,
@@ -208,7 +209,21 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 let n = loop {
                     tokio::select! {
                         biased;
-                        _ = shutdown.cancelled() => return Ok(End::Shutdown),
+                        _ = shutdown.cancelled() => {
+                            // Requests the client sent before the stop are answered: what the
+                            // socket holds when the stop comes is read once, not what a busy
+                            // client sends after it.
+                            if stop_seen {
+                                return Ok(End::Shutdown);
+                            }
+                            stop_seen = true;
+                            buf.reserve(READ_CHUNK);
+                            let mut read = std::pin::pin!(rd.read_buf(buf));
+                            match std::future::poll_fn(|cx| Poll::Ready(read.as_mut().poll(cx))).await {
+                                Poll::Ready(Ok(n)) if n > 0 => break n,
+                                _ => return Ok(End::Shutdown),
+                            }
+                        }
                         n = rd.read_buf(buf) => break n?,
                         _ = release_timer.as_mut(), if release => {
                             // Still empty: `read_buf` would have returned first.
