@@ -2108,6 +2108,7 @@ impl Shared {
 
     /// The upload of `block` in flight, or a new one: then also the upload to spawn once `st`
     /// is unlocked.
+    #[must_use = "a new upload must be spawned once the state lock is released"]
     fn start_upload(
         self: &Arc<Self>,
         st: &mut State,
