@@ -8,12 +8,12 @@
 #     -- nbdkit -f -p {PORT} -i 127.0.0.1 -e disk file {IMG}
 # bench/cpuop.sh is its CPU-per-operation counterpart.
 set -u
+. "$(dirname "$0")/lib.sh"
 R=$1 J=$2 RT=$3; shift 3
 A=(); while [ "$1" != -- ]; do A+=("$1"); shift; done; shift; C=("$@")
 W=$(mktemp -d -p /var/tmp tput.XXXXXX); P=()
 trap 'for p in "${P[@]}"; do kill $p 2>/dev/null; wait $p 2>/dev/null; done; rm -rf $W' EXIT
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-launch() { local po=$(port) img=$W/$1.img; fallocate -l 1G $img; shift
+launch() { local po=$(free_port) img=$W/$1.img; fallocate -l 1G $img; shift
   local args=(); for a in "$@"; do a=${a//\{PORT\}/$po}; args+=("${a//\{IMG\}/$img}"); done
   env "${args[@]}" >$W/log.$po 2>&1 & P+=($!); SP=$!; U=nbd://127.0.0.1:$po/disk
   for i in $(seq 100); do nbdinfo --size $U >/dev/null 2>&1 && return; sleep 0.1; done; cat $W/log.$po; exit 1; }
@@ -22,10 +22,9 @@ case $J in seqwrite) rw=write bs=1M qd=8;; seqread) rw=read bs=1M qd=8;; randrea
 one() { fio --name=j --ioengine=nbd --uri=$1 --rw=$rw --bs=$bs --iodepth=$qd --size=512M --time_based --runtime=$RT --ramp_time=1 --output-format=terse --terse-version=3 2>/dev/null | awk -F';' '$8+$49>0 {printf "%.0f\n", ($7+$48)/1024}'; }
 # prefill for reads
 for u in $UA $UB; do fio --name=f --ioengine=nbd --uri=$u --rw=write --bs=1M --iodepth=8 --size=512M >/dev/null 2>&1; done
-med() { sort -g | awk '{a[NR]=$1} END{print (NR%2)?a[(NR+1)/2]:(a[NR/2]+a[NR/2+1])/2}'; }
 : >$W/a; : >$W/b
 for r in $(seq $R); do
   if [ $((r%2)) = 1 ]; then one $UA >>$W/a; one $UB >>$W/b; else one $UB >>$W/b; one $UA >>$W/a; fi
 done
-a=$(med <$W/a) b=$(med <$W/b)
+a=$(median <$W/a) b=$(median <$W/b)
 printf '%-12s A %8s MiB/s  B %8s MiB/s  B/A %.2f   (A: %s | B: %s)\n' $J $a $b $(awk -v a=$a -v b=$b 'BEGIN{print b/a}') "$(tr '\n' ' ' <$W/a)" "$(tr '\n' ' ' <$W/b)"

@@ -26,6 +26,7 @@
 #   --cpu-scale F  multiply the op counts of the CPU jobs (default 1: 200k x 4 KiB, 4k x 1 MiB)
 # Env: SIZE (span exercised by fio, default 512M), TMPDIR (where images go, default /var/tmp).
 set -u -o pipefail
+. "$(dirname "$0")/lib.sh"
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 ROUNDS=3 RT=8 BIN="" ONLY=() DO_FIO=1 DO_CPU=1 SCALE=1
@@ -71,9 +72,6 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM HUP
 CLK_TCK=$(getconf CLK_TCK)
 
-free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
-}
 # start NAME CMD...: starts a server in the background, logs to $WORK/NAME.log; sets SPID.
 start() {
   local name=$1; shift
@@ -95,7 +93,6 @@ wait_up() {
 }
 stop() { kill "$1" 2>/dev/null; wait "$1" 2>/dev/null; }
 cpu_ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
-median() { sort -g | awk '{a[NR]=$1} END{ if(NR==0){print "nan"; exit} if(NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2 }'; }
 
 # fio_tp URI rw bs qd -> "MiB/s IOPS"
 fio_tp() {

@@ -5,6 +5,7 @@
 # and, for the syscall counts, nbdkit. Output in OUT (default bench/profile-out/).
 # Usage: bench/profile.sh [--bin PATH] [--only memory|file] [--secs N] [--out DIR] [--no-kit]
 set -u -o pipefail
+. "$(dirname "$0")/lib.sh"
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 BIN=$ROOT/target/release/nbd-rs ONLY=() SECS=6 OUT=$ROOT/bench/profile-out KIT=1
 while [ $# -gt 0 ]; do
@@ -20,7 +21,6 @@ WORK=$(mktemp -d -p "${TMPDIR:-/var/tmp}" nbd-profile.XXXXXX)
 PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; wait "$p" 2>/dev/null; done; rm -rf "$WORK"; }
 trap cleanup EXIT; trap 'exit 130' INT TERM HUP
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wait_up() { for i in $(seq 300); do nbdinfo --size "$1" >/dev/null 2>&1 && return 0; sleep 0.1; done; echo "no server at $1" >&2; exit 1; }
 JOBS=("seqwrite write 1M 8 4000" "seqread read 1M 8 4000" "randread4k randread 4k 32 100000" "randwrite4k randwrite 4k 32 100000")
 EVENTS=raw_syscalls:sys_enter

@@ -12,6 +12,7 @@
 # A benchmark, not a test. Needs nbdinfo, libnbd's Python binding (/usr/bin/python3) and fio.
 # CONNS plus fio's connection must stay within the server's max_connections (1024).
 set -u
+. "$(dirname "$0")/lib.sh"
 R=${1:-3} RT=${2:-5} N=${3:-1000} E=${4:-100}
 BIN=${5:-$(cd "$(dirname "$0")/.." && pwd)/target/release/nbd-rs}
 [ -x "$BIN" ] || { echo "scale.sh: $BIN is missing: run cargo build --release" >&2; exit 1; }
@@ -19,7 +20,7 @@ W=$(mktemp -d -p /var/tmp scale.XXXXXX); SP=; HP=
 trap '[ -n "$HP" ] && kill $HP 2>/dev/null; [ -n "$SP" ] && kill $SP 2>/dev/null; wait 2>/dev/null; rm -rf $W' EXIT
 # The holder needs a descriptor per connection.
 ulimit -n "$(ulimit -Hn)"
-PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+PORT=$(free_port)
 args=(-l 127.0.0.1:$PORT -e disk raw memory:1GiB)
 for i in $(seq 0 $((E - 1))); do args+=(-e x$i raw memory:64MiB); done
 "$BIN" "${args[@]}" >$W/log 2>&1 & SP=$!
@@ -71,7 +72,6 @@ for r in $(seq $R); do
 done
 sleep 0.5
 rss_after=$(rss)
-med() { sort -g | awk '{a[NR]=$1} END{print (NR%2)?a[(NR+1)/2]:(a[NR/2]+a[NR/2+1])/2}'; }
 echo "nbd-rs $("$BIN" --version 2>/dev/null | head -1), $E memory exports + disk, $N idle connections, $R rounds of ${RT}s"
 printf 'resident, idle server:                    %6d KiB\n' $rss_idle
 printf 'resident, disk holding 512 MiB:           %6d KiB\n' $rss_filled
@@ -81,7 +81,7 @@ printf 'resident, after they closed:              %6d KiB\n' $rss_after
 k=0
 for j in "${jobs[@]}"; do
   set -- $j
-  a=$(med <$W/alone.$k) b=$(med <$W/held.$k)
+  a=$(median <$W/alone.$k) b=$(median <$W/held.$k)
   unit=$([ $2 = 4k ] && echo IOPS || echo MiB/s)
   printf '%-9s %-3s alone %8s %-5s  with idle connections %8s  ratio %.2f   (alone: %s| with: %s)\n' \
     $1 $2 $a $unit $b $(awk -v a=$a -v b=$b 'BEGIN{print b/a}') "$(tr '\n' ' ' <$W/alone.$k)" "$(tr '\n' ' ' <$W/held.$k)"
