@@ -8,6 +8,7 @@
 
 use std::future::Future;
 use std::io::{self, IoSlice};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::task::Poll;
 
@@ -183,12 +184,15 @@ async fn read_loop<R: AsyncRead + Unpin>(
     let release_timer = tokio::time::sleep(IDLE_RELEASE);
     tokio::pin!(release_timer);
     let mut stop_seen = false;
+    // Whether `buf` may hold a READ_CHUNK allocation (its capacity is only what is left of it).
+    let mut holds_chunk = false;
     loop {
         let req = match wire::parse_request(buf, mode) {
             Ok(Some(r)) => r,
             Ok(None) => {
                 if buf.capacity() - buf.len() < mode.request_len() {
                     buf.reserve(READ_CHUNK);
+                    holds_chunk = true;
                 }
                 // The idle timeout counts only the time nothing is in flight: a slow request is
                 // not idleness, and the count starts again when it is answered. Checked on a
@@ -200,7 +204,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 let mut quiet_since = (!busy(buf)).then(tokio::time::Instant::now);
                 // One timer for the connection, pushed back at each wait: moving a deadline
                 // later costs no timer-wheel work.
-                let mut release = buf.is_empty() && buf.capacity() > IDLE_BUF;
+                let mut release = buf.is_empty() && holds_chunk;
                 if release {
                     release_timer
                         .as_mut()
@@ -218,8 +222,8 @@ async fn read_loop<R: AsyncRead + Unpin>(
                             }
                             stop_seen = true;
                             buf.reserve(READ_CHUNK);
-                            let mut read = std::pin::pin!(rd.read_buf(buf));
-                            match std::future::poll_fn(|cx| Poll::Ready(read.as_mut().poll(cx))).await {
+                            holds_chunk = true;
+                            match poll_once(std::pin::pin!(rd.read_buf(buf))).await {
                                 Poll::Ready(Ok(n)) if n > 0 => break n,
                                 _ => return Ok(End::Shutdown),
                             }
@@ -229,6 +233,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
                             // Still empty: `read_buf` would have returned first.
                             *buf = BytesMut::with_capacity(IDLE_BUF);
                             release = false;
+                            holds_chunk = false;
                         }
                         _ = sleep_or_never(tick) => {
                             let now = tokio::time::Instant::now();
@@ -305,7 +310,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 // to wait goes on as its own task, so it never holds up the next request.
                 let session = Arc::clone(session);
                 let mut running = Box::pin(async move { execute(&session, &req, op).await });
-                match std::future::poll_fn(|cx| Poll::Ready(running.as_mut().poll(cx))).await {
+                match poll_once(running.as_mut()).await {
                     Poll::Ready(frames) => send(tx, frames, Some(permit)),
                     Poll::Pending => {
                         let tx = tx.clone();
@@ -352,6 +357,11 @@ fn read_len(req: &Request) -> u64 {
 
 fn refuse(session: &Session, req: &Request, (code, msg): Refusal) -> Frames {
     wire::error_reply(session.mode, req.cookie, req.offset, code, msg)
+}
+
+/// Polls `fut` once: its output if it is ready now.
+async fn poll_once<F: Future + ?Sized>(mut fut: Pin<&mut F>) -> Poll<F::Output> {
+    std::future::poll_fn(|cx| Poll::Ready(fut.as_mut().poll(cx))).await
 }
 
 async fn sleep_or_never(d: Option<std::time::Duration>) {
