@@ -175,3 +175,64 @@ fn conformance_sharded_memory_and_file() {
     );
     stop_cleanly(s);
 }
+
+/// Reads of 64 KiB and more from a file export go out by `sendfile` when the image is in the
+/// page cache: over TCP and a Unix socket, with structured and simple replies, the bytes match
+/// a model of the image, whether the pages were cached or had just been evicted, and each
+/// connection's closing line counts the bytes it sent that way.
+#[test]
+fn large_file_reads_are_sent_from_the_page_cache_and_match_the_image() {
+    let dir = Scratch::new("zero-copy");
+    let img = dir.path("disk.img");
+    let sock = dir.path("nbd.sock");
+    let unix = format!("unix:{}", sock.display());
+    let image = format!("file:{}?size=64MiB", img.display());
+    let s = Server::start_with_env(
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--listen",
+            &unix,
+            "-e",
+            "disk",
+            "raw",
+            &image,
+        ],
+        &[],
+    );
+    let uris = [
+        s.uri("disk"),
+        format!("nbd+unix:///disk?socket={}", sock.display()),
+    ];
+    for uri in &uris {
+        for mode in [&[][..], &["--no-structured"][..]] {
+            let mut args = vec![uri.as_str(), img.to_str().unwrap()];
+            args.extend_from_slice(mode);
+            let out = run_script(PY, "zero_copy.py", &args, LIMIT);
+            assert_eq!(out.trim(), "checked 150 reads", "{uri} {mode:?}");
+        }
+    }
+    // The closing lines are logged as the connections end; wait for all four.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let sent = loop {
+        let sent: Vec<u64> = s
+            .log()
+            .lines()
+            .filter(|l| l.contains("client disconnected"))
+            .map(|l| {
+                let v = l
+                    .split("sendfile_bytes=")
+                    .nth(1)
+                    .expect("sendfile_bytes field");
+                v.split_whitespace().next().unwrap().parse().unwrap()
+            })
+            .collect();
+        if sent.len() == 4 || std::time::Instant::now() > deadline {
+            break sent;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(sent.len(), 4, "closing lines:\n{}", s.log());
+    assert!(sent.iter().all(|&n| n > 0), "sendfile_bytes {sent:?}");
+    stop_cleanly(s);
+}

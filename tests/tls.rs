@@ -13,7 +13,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{Scratch, Server, bin, root, run};
+use common::{Scratch, Server, bin, root, run, run_script};
 
 /// A scratch directory with a PKI made by `tests/clients/make-pki.sh`.
 fn pki(tag: &str) -> Scratch {
@@ -556,4 +556,43 @@ fn check_reports_bad_tls_settings_and_access_lists_with_their_lines() {
             "nbd-rs: warning: the private key {p}/server/server-key.pem is readable by every user: chmod o-r it (0600 or 0640)"
         )
     );
+}
+
+/// TLS bytes are encrypted in user space, so large reads of a file export are copied rather
+/// than sent by `sendfile`: the data matches a model of the image, cached or evicted, and the
+/// connection's closing line counts no bytes sent from the page cache.
+#[test]
+fn large_file_reads_over_tls_are_copied_and_match_the_image() {
+    let dir = pki("tls-file");
+    let p = dir.path("pki");
+    let img = dir.path("disk.img");
+    let cfg = dir.path("tls-file.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[server.tls]\ncertificate = \"{p}/server/server-cert.pem\"\nkey = \"{p}/server/server-key.pem\"\n\n\
+             [exports.disk]\npipeline = \"raw -> file\"\nsize = \"64MiB\"\n[exports.disk.file]\npath = \"{img}\"\n",
+            p = p.display(),
+            img = img.display()
+        ),
+    )
+    .unwrap();
+    let s = Server::start(&["--config", cfg.to_str().unwrap()]);
+    let uri = nbds(&s, "disk", &dir, "alice");
+    let out = run_script(
+        "/usr/bin/python3",
+        "zero_copy.py",
+        &[&uri, img.to_str().unwrap()],
+        Duration::from_secs(600),
+    );
+    assert_eq!(out.trim(), "checked 150 reads");
+    wait_log(&s, "client disconnected");
+    let log = s.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("client disconnected"))
+        .unwrap();
+    assert!(line.contains(" sendfile_bytes=0 "), "{line}");
+    let status = s.stop();
+    assert!(status.success(), "{status}");
 }

@@ -16,7 +16,9 @@ pub mod inline;
 pub mod retry;
 
 use std::fmt;
+use std::fs::File;
 use std::io;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -167,6 +169,18 @@ impl ReadData {
     }
 }
 
+/// Bytes of a file that a reply can carry straight from the page cache (`sendfile(2)`), so the
+/// server copies nothing: see [`BlockDevice::zero_copy`].
+#[derive(Debug, Clone)]
+pub struct FileRange {
+    /// The file.
+    pub file: Arc<File>,
+    /// Where the bytes start in it.
+    pub offset: u64,
+    /// How many.
+    pub len: u32,
+}
+
 /// `base:allocation` state of an extent: `NBD_STATE_HOLE`.
 pub const STATE_HOLE: u32 = 1;
 /// `base:allocation` state of an extent: `NBD_STATE_ZERO`.
@@ -283,6 +297,15 @@ pub trait BlockDevice: Send + Sync + fmt::Debug + 'static {
 
     /// Reads `len` bytes at `offset`. The chunks cover exactly that range.
     async fn read(&self, offset: u64, len: u32) -> Result<ReadData, BlockError>;
+
+    /// Where a read of `len` bytes at `offset` can be sent from without copying: a file range
+    /// that holds exactly those bytes and is in the page cache now, so sending it will not
+    /// wait for a disk. `None` (the default) means "read it": layers that transform or cache
+    /// data never answer, only a store whose bytes are the device's bytes. The bytes are sent
+    /// when the reply is written, which is still within the read's lifetime for the client.
+    fn zero_copy(&self, _offset: u64, _len: u32) -> Option<FileRange> {
+        None
+    }
 
     /// Writes `data` at `offset`; with `fua`, durably.
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), BlockError>;

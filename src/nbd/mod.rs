@@ -31,7 +31,7 @@ pub trait Connection: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     /// The read half.
     type Read: AsyncRead + Unpin + Send + 'static;
     /// The write half.
-    type Write: AsyncWrite + Unpin + Send + 'static;
+    type Write: transmission::ReplyWriter;
     /// Splits the connection.
     fn halves(self) -> (Self::Read, Self::Write);
 }
@@ -241,12 +241,13 @@ async fn transmit<S: Connection>(
                 export,
                 requests = stats.requests,
                 errors = stats.errors,
+                sendfile_bytes = stats.sendfile_bytes,
                 secs,
                 "{how}"
             );
         }
         Err(e) => {
-            warn!(peer, export, requests = stats.requests, errors = stats.errors, secs, error = %e, "connection ended");
+            warn!(peer, export, requests = stats.requests, errors = stats.errors, sendfile_bytes = stats.sendfile_bytes, secs, error = %e, "connection ended");
         }
     }
 }

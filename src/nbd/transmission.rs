@@ -4,16 +4,19 @@
 //! reads write payloads straight into their own buffers. Each valid request runs as its own
 //! task, so independent requests on one connection proceed in parallel. A writer task sends
 //! replies as they complete, many per vectored write. A per-connection budget bounds the bytes
-//! in flight, so a connection costs no more than its in-flight requests.
+//! in flight, so a connection costs no more than its in-flight requests. On a plain socket, a
+//! large read the device can serve from the page cache goes out by `sendfile`, not copied
+//! (see [`ReplyWriter`] and `BlockDevice::zero_copy`).
 
+use std::fs::File;
 use std::future::Future;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::Poll;
+use std::task::{Context, Poll};
 
 use bytes::{BufMut, Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
@@ -21,7 +24,7 @@ use tracing::{debug, warn};
 use super::handshake::Session;
 use super::proto::{BASE_ALLOCATION_ID, cflag, cmd, reply, tflag};
 use super::wire::{self, Frames, ReplyMode, Request};
-use crate::block::{BlockError, Extent, MAX_PAYLOAD, ReadChunk, ZeroFlags, errno};
+use crate::block::{BlockError, Extent, FileRange, MAX_PAYLOAD, ReadChunk, ZeroFlags, errno};
 
 /// Budget units per connection; a request costs one unit plus one per 64 KiB it carries, so
 /// at most about 64 MiB or 1024 requests are in flight on one connection.
@@ -41,6 +44,105 @@ const IDLE_RELEASE: std::time::Duration = std::time::Duration::from_secs(1);
 const IDLE_BUF: usize = 1024;
 
 static ZEROES: [u8; 1 << 20] = [0; 1 << 20];
+
+/// The write half of a connection. A plain socket can also send file bytes with
+/// `sendfile(2)`, straight from the page cache: large file reads are answered that way.
+pub trait ReplyWriter: AsyncWrite + Unpin + Send + 'static {
+    /// Whether [`ReplyWriter::poll_sendfile`] works. TLS streams say no: their bytes must be
+    /// encrypted in user space.
+    fn zero_copy(&self) -> bool {
+        false
+    }
+
+    /// Sends up to `len` bytes of `file` from `*offset` and advances it; the count sent.
+    fn poll_sendfile(
+        &mut self,
+        _cx: &mut Context<'_>,
+        _file: &File,
+        _offset: &mut u64,
+        _len: usize,
+    ) -> Poll<io::Result<usize>> {
+        Poll::Ready(Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "this connection cannot send from a file",
+        )))
+    }
+
+    /// A vectored write followed at once by more (a `sendfile`): a socket holds the bytes
+    /// back (`MSG_MORE`) so that a reply header and its payload leave in one segment.
+    fn poll_write_more(
+        &mut self,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(self).poll_write_vectored(cx, bufs)
+    }
+}
+
+/// Plain sockets: both system calls go straight to the descriptor, waiting for room in the
+/// send buffer as tokio's own writes do.
+macro_rules! socket_reply_writer {
+    ($half:ty, $stream:ty) => {
+        impl ReplyWriter for $half {
+            fn zero_copy(&self) -> bool {
+                true
+            }
+
+            fn poll_sendfile(
+                &mut self,
+                cx: &mut Context<'_>,
+                file: &File,
+                offset: &mut u64,
+                len: usize,
+            ) -> Poll<io::Result<usize>> {
+                let sock: &$stream = self.as_ref();
+                loop {
+                    std::task::ready!(sock.poll_write_ready(cx))?;
+                    let mut at = *offset;
+                    match sock.try_io(Interest::WRITABLE, || {
+                        rustix::fs::sendfile(sock, file, Some(&mut at), len)
+                            .map_err(io::Error::from)
+                    }) {
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                        r => {
+                            *offset = at;
+                            return Poll::Ready(r);
+                        }
+                    }
+                }
+            }
+
+            fn poll_write_more(
+                &mut self,
+                cx: &mut Context<'_>,
+                bufs: &[IoSlice<'_>],
+            ) -> Poll<io::Result<usize>> {
+                let sock: &$stream = self.as_ref();
+                loop {
+                    std::task::ready!(sock.poll_write_ready(cx))?;
+                    match sock.try_io(Interest::WRITABLE, || {
+                        let mut none = rustix::net::SendAncillaryBuffer::default();
+                        rustix::net::sendmsg(
+                            sock,
+                            bufs,
+                            &mut none,
+                            rustix::net::SendFlags::MORE | rustix::net::SendFlags::NOSIGNAL,
+                        )
+                        .map_err(io::Error::from)
+                    }) {
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                        r => return Poll::Ready(r),
+                    }
+                }
+            }
+        }
+    };
+}
+
+socket_reply_writer!(tokio::net::tcp::OwnedWriteHalf, tokio::net::TcpStream);
+socket_reply_writer!(tokio::net::unix::OwnedWriteHalf, tokio::net::UnixStream);
+
+impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> ReplyWriter for tokio::io::WriteHalf<S> {}
 
 /// How a transmission phase ended.
 #[derive(Debug)]
@@ -75,6 +177,8 @@ pub struct Stats {
     pub requests: u64,
     /// Requests answered with an error.
     pub errors: u64,
+    /// Read payload bytes sent straight from the page cache (`sendfile`), not copied.
+    pub sendfile_bytes: u64,
 }
 
 struct Outgoing {
@@ -135,8 +239,9 @@ pub async fn serve<R, W>(
 ) -> (Result<End, TransmissionError>, Stats)
 where
     R: AsyncRead + Unpin + Send,
-    W: AsyncWrite + Unpin + Send + 'static,
+    W: ReplyWriter,
 {
+    let zero_copy = wr.zero_copy();
     let (tx, rx) = mpsc::unbounded_channel();
     let mut writer = tokio::spawn(write_loop(wr, rx));
     let budget = Arc::new(Semaphore::new(BUDGET_UNITS as usize));
@@ -144,14 +249,17 @@ where
     let mut stats = Stats::default();
 
     let result = tokio::select! {
-        r = read_loop(&mut rd, &mut buf, &session, &tx, &budget, &shutdown, idle, &mut stats) => r,
+        r = read_loop(&mut rd, &mut buf, &session, zero_copy, &tx, &budget, &shutdown, idle, &mut stats) => r,
         _ = cut.cancelled() => Ok(End::Cut),
     };
     // Dropping our sender lets the writer finish once every running request has answered.
     drop(tx);
     let written = tokio::select! {
         w = &mut writer => match w {
-            Ok(r) => r,
+            Ok((r, sent)) => {
+                stats.sendfile_bytes = sent;
+                r
+            }
             Err(join) => Err(io::Error::other(join.to_string())),
         },
         _ = cut.cancelled() => {
@@ -174,6 +282,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
     rd: &mut R,
     buf: &mut BytesMut,
     session: &Arc<Session>,
+    zero_copy: bool,
     tx: &Tx,
     budget: &Arc<Semaphore>,
     shutdown: &CancellationToken,
@@ -309,7 +418,8 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 // hit) is answered without a task or a wake-up on another worker. One that has
                 // to wait goes on as its own task, so it never holds up the next request.
                 let session = Arc::clone(session);
-                let mut running = Box::pin(async move { execute(&session, &req, op).await });
+                let mut running =
+                    Box::pin(async move { execute(&session, zero_copy, &req, op).await });
                 match poll_once(running.as_mut()).await {
                     Poll::Ready(frames) => send(tx, frames, Some(permit)),
                     Poll::Pending => {
@@ -522,12 +632,19 @@ fn validate(session: &Session, req: &Request, payload: Bytes) -> Result<Op, Refu
     })
 }
 
-/// Runs a validated request on the export's device and builds its reply.
-async fn execute(session: &Session, req: &Request, op: Op) -> Frames {
+/// Runs a validated request on the export's device and builds its reply. With `zero_copy`
+/// (the connection can `sendfile`), a read the device can serve from the page cache is
+/// answered with the file range itself.
+async fn execute(session: &Session, zero_copy: bool, req: &Request, op: Op) -> Frames {
     let dev = &session.export.device;
     let mode = session.mode;
     let ok = || wire::ok_reply(mode, req.cookie, req.offset);
     let result = match op {
+        Op::Read { offset, len, .. }
+            if let Some(range) = zero_copy.then(|| dev.zero_copy(offset, len)).flatten() =>
+        {
+            return file_reply(mode, req, range);
+        }
         Op::Read { offset, len, df } => match dev.read(offset, len).await {
             Ok(data) if data.len() == u64::from(len) => {
                 return read_reply(mode, req, data.chunks(), df);
@@ -597,7 +714,7 @@ fn read_reply(mode: ReplyMode, req: &Request, chunks: &[ReadChunk], df: bool) ->
                 ReadChunk::Zero(n) => push_zeroes(&mut parts, *n as usize),
             }
         }
-        return Frames { parts };
+        return Frames::of(parts);
     }
     if df && chunks.len() > 1 {
         // DF allows a single content chunk: send the holes as explicit zeroes.
@@ -619,7 +736,7 @@ fn read_reply(mode: ReplyMode, req: &Request, chunks: &[ReadChunk], df: bool) ->
                 ReadChunk::Zero(n) => push_zeroes(&mut parts, *n as usize),
             }
         }
-        return Frames { parts };
+        return Frames::of(parts);
     }
     // One chunk per run of data (a device may hand a range over in several buffers), one
     // per hole.
@@ -669,7 +786,31 @@ fn read_reply(mode: ReplyMode, req: &Request, chunks: &[ReadChunk], df: bool) ->
         }
         pos += len;
     }
-    Frames { parts }
+    Frames::of(parts)
+}
+
+/// A read answered from a file: the header, then the bytes by `sendfile`. One data chunk in
+/// structured modes (a file's holes go as zeroes, as a copied read sends them).
+fn file_reply(mode: ReplyMode, req: &Request, range: FileRange) -> Frames {
+    let mut hdr = BytesMut::with_capacity(40);
+    if mode == ReplyMode::Simple {
+        wire::simple_reply(&mut hdr, 0, req.cookie);
+    } else {
+        wire::chunk_header(
+            &mut hdr,
+            mode,
+            true,
+            reply::OFFSET_DATA,
+            req.cookie,
+            req.offset,
+            8 + u64::from(range.len),
+        );
+        hdr.put_u64(req.offset);
+    }
+    Frames {
+        parts: vec![hdr.freeze()],
+        tail: Some(range),
+    }
 }
 
 fn status_reply(
@@ -737,15 +878,24 @@ fn status_reply(
             b.put_u32(e.flags);
         }
     }
-    Ok(Frames {
-        parts: vec![b.freeze()],
-    })
+    Ok(Frames::of(vec![b.freeze()]))
 }
 
-/// Sends replies as they arrive, batching those that are ready together.
-async fn write_loop<W: AsyncWrite + Unpin>(
+/// Sends replies as they arrive, batching those that are ready together. Returns how it ended
+/// and how many bytes went by `sendfile`.
+async fn write_loop<W: ReplyWriter>(
+    wr: W,
+    rx: mpsc::UnboundedReceiver<Outgoing>,
+) -> (io::Result<()>, u64) {
+    let mut sent = 0;
+    let r = write_replies(wr, rx, &mut sent).await;
+    (r, sent)
+}
+
+async fn write_replies<W: ReplyWriter>(
     mut wr: W,
     mut rx: mpsc::UnboundedReceiver<Outgoing>,
+    sent: &mut u64,
 ) -> io::Result<()> {
     let mut batch: Vec<Outgoing> = Vec::with_capacity(MAX_BATCH);
     while let Some(first) = rx.recv().await {
@@ -756,12 +906,20 @@ async fn write_loop<W: AsyncWrite + Unpin>(
                 Err(_) => break,
             }
         }
-        let parts: Vec<&Bytes> = batch
-            .iter()
-            .flat_map(|o| o.frames.parts.iter())
-            .filter(|b| !b.is_empty())
-            .collect();
-        write_all_vectored(&mut wr, &parts).await?;
+        // One vectored write for everything up to (and including the header of) a reply
+        // whose payload comes from a file; then that payload; and so on.
+        let mut parts: Vec<&Bytes> = Vec::with_capacity(2 * batch.len());
+        for o in &batch {
+            parts.extend(o.frames.parts.iter().filter(|b| !b.is_empty()));
+            if let Some(range) = &o.frames.tail {
+                write_all_vectored(&mut wr, &parts, true).await?;
+                parts.clear();
+                send_file(&mut wr, range).await?;
+                *sent += u64::from(range.len);
+            }
+        }
+        write_all_vectored(&mut wr, &parts, false).await?;
+        drop(parts);
         // Dropping the batch returns its budget to the reader.
         batch.clear();
     }
@@ -769,12 +927,41 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     wr.shutdown().await
 }
 
-async fn write_all_vectored<W: AsyncWrite + Unpin>(wr: &mut W, parts: &[&Bytes]) -> io::Result<()> {
+/// Sends a whole file range. The reply's header is already on the wire, so a file that ends
+/// early (truncated behind the server's back) can only end the connection.
+async fn send_file<W: ReplyWriter>(wr: &mut W, range: &FileRange) -> io::Result<()> {
+    let mut offset = range.offset;
+    let end = range.offset + u64::from(range.len);
+    while offset < end {
+        let want = (end - offset) as usize;
+        let n =
+            std::future::poll_fn(|cx| wr.poll_sendfile(cx, &range.file, &mut offset, want)).await?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("the image ended at {offset}, inside a read reply already begun"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Writes `parts` in order, as few vectored writes as `IOV_MAX` allows. With `more`, the
+/// socket is told that more follows at once (the payload of the last reply's header).
+async fn write_all_vectored<W: ReplyWriter>(
+    wr: &mut W,
+    parts: &[&Bytes],
+    more: bool,
+) -> io::Result<()> {
     for group in parts.chunks(MAX_IOVECS) {
         let mut slices: Vec<IoSlice<'_>> = group.iter().map(|b| IoSlice::new(b)).collect();
         let mut rest: &mut [IoSlice<'_>] = &mut slices;
         while !rest.is_empty() {
-            let n = wr.write_vectored(rest).await?;
+            let n = if more {
+                std::future::poll_fn(|cx| wr.poll_write_more(cx, rest)).await?
+            } else {
+                wr.write_vectored(rest).await?
+            };
             if n == 0 {
                 return Err(io::ErrorKind::WriteZero.into());
             }

@@ -1,5 +1,6 @@
 //! The transmission-phase wire format, without I/O: request headers in, reply frames out.
 
+use crate::block::FileRange;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use super::proto::{
@@ -162,22 +163,30 @@ pub fn chunk_header(
 }
 
 /// The frames of one reply: header and payload pieces, written in order with one vectored
-/// write together with other replies.
+/// write together with other replies, then possibly payload bytes sent from a file.
 #[derive(Debug, Default)]
 pub struct Frames {
     /// Pieces in wire order.
     pub parts: Vec<Bytes>,
+    /// Payload that follows `parts`, sent from the page cache with `sendfile(2)`.
+    pub tail: Option<FileRange>,
 }
 
 impl Frames {
+    /// Frames of these pieces only.
+    pub fn of(parts: Vec<Bytes>) -> Frames {
+        Frames { parts, tail: None }
+    }
+
     /// Total bytes.
     pub fn len(&self) -> usize {
-        self.parts.iter().map(Bytes::len).sum()
+        self.parts.iter().map(Bytes::len).sum::<usize>()
+            + self.tail.as_ref().map_or(0, |t| t.len as usize)
     }
 
     /// True if there is nothing to send.
     pub fn is_empty(&self) -> bool {
-        self.parts.iter().all(Bytes::is_empty)
+        self.len() == 0
     }
 }
 
@@ -189,9 +198,7 @@ pub fn ok_reply(mode: ReplyMode, cookie: u64, offset: u64) -> Frames {
         ReplyMode::Simple | ReplyMode::Structured => simple_reply(&mut b, 0, cookie),
         ReplyMode::Extended => chunk_header(&mut b, mode, true, reply::NONE, cookie, offset, 0),
     }
-    Frames {
-        parts: vec![b.freeze()],
-    }
+    Frames::of(vec![b.freeze()])
 }
 
 /// An error reply. In structured and extended modes it is an `NBD_REPLY_TYPE_ERROR` chunk
@@ -216,9 +223,7 @@ pub fn error_reply(mode: ReplyMode, cookie: u64, offset: u64, error: u32, messag
             b.put_slice(msg.as_bytes());
         }
     }
-    Frames {
-        parts: vec![b.freeze()],
-    }
+    Frames::of(vec![b.freeze()])
 }
 
 /// Cuts `s` to at most `max` bytes on a character boundary.

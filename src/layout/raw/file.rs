@@ -4,6 +4,10 @@
 //! status comes from `SEEK_DATA` / `SEEK_HOLE`, FLUSH and FUA are `fdatasync`. One file
 //! descriptor is shared by every connection, so a flush on one connection covers writes made on
 //! all of them (multi-conn is safe). Blocking system calls run on tokio's blocking pool.
+//!
+//! Reads try `preadv2(RWF_NOWAIT)` before the pool. Reads of 64 KiB and more whose pages are
+//! all in the page cache (by `cachestat(2)`, Linux 6.5 and later) are not read at all: the
+//! connection sends them with `sendfile`, so the server copies none of their bytes.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, IoSliceMut};
@@ -20,8 +24,8 @@ use rustix::io::Errno;
 use crate::block::buffers::Buffer;
 use crate::block::inline::InlineWrites;
 use crate::block::{
-    BlockDevice, BlockError, BlockSizes, DeviceInfo, Extent, ReadData, STATE_HOLE, STATE_ZERO,
-    ZeroFlags,
+    BlockDevice, BlockError, BlockSizes, DeviceInfo, Extent, FileRange, ReadData, STATE_HOLE,
+    STATE_ZERO, ZeroFlags,
 };
 
 /// Block status reports at most this many extents per call; clients ask again for the rest.
@@ -72,6 +76,9 @@ pub struct FileImage {
     nowait: AtomicBool,
     /// Whether small writes run on the async worker.
     inline: InlineWrites,
+    /// Large reads are offered for `sendfile` when `cachestat(2)` says they are in the page
+    /// cache (cleared if the kernel has no `cachestat`, before Linux 6.5).
+    cachestat: AtomicBool,
 }
 
 impl std::fmt::Debug for FileImage {
@@ -149,6 +156,7 @@ impl FileImage {
             file: Arc::new(file),
             nowait: AtomicBool::new(true),
             inline: InlineWrites::default(),
+            cachestat: AtomicBool::new(true),
         })
     }
 
@@ -269,6 +277,61 @@ impl FileImage {
 /// Reads larger than this skip the `RWF_NOWAIT` attempt.
 const NOWAIT_MAX: u32 = 1 << 20;
 
+/// Reads from this size up are offered for `sendfile`. Below it, copying the bytes costs less
+/// than the extra system calls (residency check, a `sendfile` of their own instead of a share
+/// of a vectored write with other replies).
+const ZERO_COPY_MIN: u32 = 64 * 1024;
+
+/// Whether every page of `[offset, offset + len)` of `file` is in the page cache, by
+/// `cachestat(2)`; `Err` if the kernel cannot tell.
+#[allow(unsafe_code)]
+fn resident(file: &File, offset: u64, len: u32) -> Result<bool, Errno> {
+    use std::os::fd::AsRawFd;
+    /// `__NR_cachestat`: the same number on every architecture (Linux 6.5).
+    const SYS_CACHESTAT: libc::c_long = 451;
+    #[repr(C)]
+    struct Range {
+        off: u64,
+        len: u64,
+    }
+    #[repr(C)]
+    #[derive(Default)]
+    struct Stat {
+        nr_cache: u64,
+        nr_dirty: u64,
+        nr_writeback: u64,
+        nr_evicted: u64,
+        nr_recently_evicted: u64,
+    }
+    let page = rustix::param::page_size() as u64;
+    let end = offset + u64::from(len);
+    let first = offset / page;
+    let pages = end.div_ceil(page) - first;
+    let range = Range {
+        off: first * page,
+        len: pages * page,
+    };
+    let mut stat = Stat::default();
+    // SAFETY: `cachestat(fd, const struct cachestat_range *, struct cachestat *, flags)` reads
+    // `range` and writes `stat`, both live `repr(C)` values of the kernel's layout (u64 fields),
+    // and keeps no pointer after returning; `file` keeps the descriptor open during the call.
+    let rc = unsafe {
+        libc::syscall(
+            SYS_CACHESTAT,
+            file.as_raw_fd(),
+            &range as *const Range,
+            &mut stat as *mut Stat,
+            0u32,
+        )
+    };
+    if rc != 0 {
+        return Err(Errno::from_raw_os_error(
+            io::Error::last_os_error().raw_os_error().unwrap_or(0),
+        ));
+    }
+    Ok(stat.nr_cache >= pages)
+}
+
 /// `len` bytes at `offset`, read into fresh memory without zeroing it first.
 fn read_exact_at(f: &File, offset: u64, len: usize) -> io::Result<Vec<u8>> {
     let mut buf = Vec::with_capacity(len);
@@ -363,6 +426,25 @@ impl BlockDevice for FileImage {
             })
             .await?;
         Ok(ReadData::data(Bytes::from(bytes)))
+    }
+
+    fn zero_copy(&self, offset: u64, len: u32) -> Option<FileRange> {
+        if len < ZERO_COPY_MIN || !self.cachestat.load(Ordering::Relaxed) {
+            return None;
+        }
+        match resident(&self.file, offset, len) {
+            Ok(true) => Some(FileRange {
+                file: Arc::clone(&self.file),
+                offset,
+                len,
+            }),
+            Ok(false) => None,
+            Err(_) => {
+                // No cachestat (ENOSYS), or one that refuses this file: copy, as before.
+                self.cachestat.store(false, Ordering::Relaxed);
+                None
+            }
+        }
     }
 
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), BlockError> {
@@ -502,6 +584,44 @@ mod tests {
         assert!(back[8192..12288].iter().all(|&b| b == 9));
         img.inline.resume();
         assert!(img.inline.allowed(4096));
+    }
+
+    #[tokio::test]
+    async fn only_large_ranges_wholly_in_the_page_cache_are_offered_for_sendfile() {
+        let p = tmp("zero-copy");
+        let img = FileImage::open(&p, Some(4 << 20), false).unwrap();
+        // Written through the page cache: resident.
+        img.write(0, Bytes::from(vec![5u8; 2 << 20]), false)
+            .await
+            .unwrap();
+        let r = img
+            .zero_copy(4095, 1 << 20)
+            .expect("a cached range is offered");
+        assert_eq!((r.offset, r.len), (4095, 1 << 20));
+        assert!(Arc::ptr_eq(&r.file, &img.file));
+        // Below the threshold, copying is cheaper.
+        assert!(img.zero_copy(0, ZERO_COPY_MIN - 1).is_none());
+        // Partly outside the cache: the last page of the range was never written.
+        assert!(img.zero_copy((2 << 20) - 65536, 65537).is_none());
+        // Written back and dropped from the cache: read (and copied) again.
+        img.flush().await.unwrap();
+        rustix::fs::fadvise(&*img.file, 0, None, rustix::fs::Advice::DontNeed).unwrap();
+        assert!(img.zero_copy(0, 1 << 20).is_none());
+        assert_eq!(
+            img.read(0, 1 << 20).await.unwrap().to_bytes(),
+            vec![5u8; 1 << 20]
+        );
+        // An image shrunk behind the server's back: nothing past its end is offered, and the
+        // read fails instead of returning short.
+        img.file.set_len(1 << 20).unwrap();
+        assert!(img.zero_copy((1 << 20) - 4096, 1 << 20).is_none());
+        let e = img.read((1 << 20) - 4096, 1 << 20).await.unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("the image ended before the read did"),
+            "{e}"
+        );
+        std::fs::remove_file(&p).unwrap();
     }
 
     #[test]
