@@ -3631,10 +3631,27 @@ mod tests {
         }
     }
 
-    fn tmp_dir(name: &str) -> PathBuf {
+    /// A scratch directory for one test, removed when the test is done with it (pass or
+    /// fail), so that test runs leave nothing in `/tmp`.
+    struct TempDir(PathBuf);
+
+    impl std::ops::Deref for TempDir {
+        type Target = PathBuf;
+        fn deref(&self) -> &PathBuf {
+            &self.0
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn tmp_dir(name: &str) -> TempDir {
         let dir = std::env::temp_dir().join(format!("nbd-rs-cache-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        dir
+        TempDir(dir)
     }
 
     fn params(slots: u64, mode: CacheMode) -> CacheParams {
