@@ -233,6 +233,13 @@ fn large_file_reads_are_sent_from_the_page_cache_and_match_the_image() {
         std::thread::sleep(Duration::from_millis(50));
     };
     assert_eq!(sent.len(), 4, "closing lines:\n{}", s.log());
-    assert!(sent.iter().all(|&n| n > 0), "sendfile_bytes {sent:?}");
+    if s.log()
+        .contains("cachestat is not available for this image")
+    {
+        // A kernel before 6.5: every read was copied, and said so once.
+        assert!(sent.iter().all(|&n| n == 0), "sendfile_bytes {sent:?}");
+    } else {
+        assert!(sent.iter().all(|&n| n > 0), "sendfile_bytes {sent:?}");
+    }
     stop_cleanly(s);
 }

@@ -2631,6 +2631,26 @@ fn large_file_reads_are_framed_alike_in_every_reply_mode() {
         }
         assert_eq!(n.read(0, 4096), vec![0u8; 4096], "{mode:?}: the next reply");
     }
+    // A client that sends 48 MiB of reads before reading a byte: the replies fill the socket,
+    // and sending resumes when it drains. Every reply arrives whole and in place.
+    let mut n = connect_go(&srv, "file", Mode::Structured, false);
+    let image = pattern(50, 8 << 20);
+    n.write(0, &image);
+    let reads: Vec<(u64, u64)> = (0..48u64)
+        .map(|i| (n.next_cookie(), (i % 7) * MIB + i))
+        .collect();
+    for &(cookie, at) in &reads {
+        n.send(0, CMD_READ, cookie, at, MIB, &[]);
+    }
+    thread::sleep(Duration::from_millis(300));
+    for &(cookie, at) in &reads {
+        let r = n.reply(cookie, at, None);
+        let got = assemble(&r, at, MIB);
+        assert!(
+            got == image[at as usize..(at + MIB) as usize],
+            "read at {at}"
+        );
+    }
     drop(srv);
     std::fs::remove_file(&img).unwrap();
 }

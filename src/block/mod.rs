@@ -170,7 +170,7 @@ impl ReadData {
 }
 
 /// Bytes of a file that a reply can carry straight from the page cache (`sendfile(2)`), so the
-/// server copies nothing: see [`BlockDevice::zero_copy`].
+/// server copies nothing: see [`BlockDevice::file_range`].
 #[derive(Debug, Clone)]
 pub struct FileRange {
     /// The file.
@@ -299,11 +299,12 @@ pub trait BlockDevice: Send + Sync + fmt::Debug + 'static {
     async fn read(&self, offset: u64, len: u32) -> Result<ReadData, BlockError>;
 
     /// Where a read of `len` bytes at `offset` can be sent from without copying: a file range
-    /// that holds exactly those bytes and is in the page cache now, so sending it will not
-    /// wait for a disk. `None` (the default) means "read it": layers that transform or cache
-    /// data never answer, only a store whose bytes are the device's bytes. The bytes are sent
-    /// when the reply is written, which is still within the read's lifetime for the client.
-    fn zero_copy(&self, _offset: u64, _len: u32) -> Option<FileRange> {
+    /// that holds exactly those bytes, all of it in the page cache now (a hint, not a promise:
+    /// the sender must still be ready to wait for a disk). `None` (the default) means "read
+    /// it": layers that transform or cache data never answer, only a store whose bytes are the
+    /// device's bytes. The bytes are taken when the reply is written, which is still within
+    /// the read's lifetime for the client.
+    fn file_range(&self, _offset: u64, _len: u32) -> Option<FileRange> {
         None
     }
 

@@ -6,16 +6,17 @@
 //! replies as they complete, many per vectored write. A per-connection budget bounds the bytes
 //! in flight, so a connection costs no more than its in-flight requests. On a plain socket, a
 //! large read the device can serve from the page cache goes out by `sendfile`, not copied
-//! (see [`ReplyWriter`] and `BlockDevice::zero_copy`).
+//! (see [`ReplyWriter`] and `BlockDevice::file_range`).
 
-use std::fs::File;
 use std::future::Future;
 use std::io::{self, IoSlice};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::{BufMut, Bytes, BytesMut};
+use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -48,28 +49,14 @@ static ZEROES: [u8; 1 << 20] = [0; 1 << 20];
 /// The write half of a connection. A plain socket can also send file bytes with
 /// `sendfile(2)`, straight from the page cache: large file reads are answered that way.
 pub trait ReplyWriter: AsyncWrite + Unpin + Send + 'static {
-    /// Whether [`ReplyWriter::poll_sendfile`] works. TLS streams say no: their bytes must be
-    /// encrypted in user space.
-    fn zero_copy(&self) -> bool {
-        false
-    }
-
-    /// Sends up to `len` bytes of `file` from `*offset` and advances it; the count sent.
-    fn poll_sendfile(
-        &mut self,
-        _cx: &mut Context<'_>,
-        _file: &File,
-        _offset: &mut u64,
-        _len: usize,
-    ) -> Poll<io::Result<usize>> {
-        Poll::Ready(Err(io::Error::new(
-            io::ErrorKind::Unsupported,
-            "this connection cannot send from a file",
-        )))
+    /// The socket, if replies may carry file bytes by `sendfile`. TLS streams have none to
+    /// offer: their bytes must be encrypted in user space.
+    fn sendfile_socket(&self) -> Option<BorrowedFd<'_>> {
+        None
     }
 
     /// A vectored write followed at once by more (a `sendfile`): a socket holds the bytes
-    /// back (`MSG_MORE`) so that a reply header and its payload leave in one segment.
+    /// back (`MSG_MORE`) so that a reply header and its payload leave together.
     fn poll_write_more(
         &mut self,
         cx: &mut Context<'_>,
@@ -79,37 +66,13 @@ pub trait ReplyWriter: AsyncWrite + Unpin + Send + 'static {
     }
 }
 
-/// Plain sockets: both system calls go straight to the descriptor, waiting for room in the
-/// send buffer as tokio's own writes do.
+/// Plain sockets: `sendmsg` with `MSG_MORE`, waiting for room as tokio's own writes do.
 macro_rules! socket_reply_writer {
     ($half:ty, $stream:ty) => {
         impl ReplyWriter for $half {
-            fn zero_copy(&self) -> bool {
-                true
-            }
-
-            fn poll_sendfile(
-                &mut self,
-                cx: &mut Context<'_>,
-                file: &File,
-                offset: &mut u64,
-                len: usize,
-            ) -> Poll<io::Result<usize>> {
+            fn sendfile_socket(&self) -> Option<BorrowedFd<'_>> {
                 let sock: &$stream = self.as_ref();
-                loop {
-                    std::task::ready!(sock.poll_write_ready(cx))?;
-                    let mut at = *offset;
-                    match sock.try_io(Interest::WRITABLE, || {
-                        rustix::fs::sendfile(sock, file, Some(&mut at), len)
-                            .map_err(io::Error::from)
-                    }) {
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                        r => {
-                            *offset = at;
-                            return Poll::Ready(r);
-                        }
-                    }
-                }
+                Some(sock.as_fd())
             }
 
             fn poll_write_more(
@@ -122,13 +85,8 @@ macro_rules! socket_reply_writer {
                     std::task::ready!(sock.poll_write_ready(cx))?;
                     match sock.try_io(Interest::WRITABLE, || {
                         let mut none = rustix::net::SendAncillaryBuffer::default();
-                        rustix::net::sendmsg(
-                            sock,
-                            bufs,
-                            &mut none,
-                            rustix::net::SendFlags::MORE | rustix::net::SendFlags::NOSIGNAL,
-                        )
-                        .map_err(io::Error::from)
+                        let flags = rustix::net::SendFlags::MORE | rustix::net::SendFlags::NOSIGNAL;
+                        rustix::net::sendmsg(sock, bufs, &mut none, flags).map_err(io::Error::from)
                     }) {
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                         r => return Poll::Ready(r),
@@ -241,7 +199,7 @@ where
     R: AsyncRead + Unpin + Send,
     W: ReplyWriter,
 {
-    let zero_copy = wr.zero_copy();
+    let sendfile = wr.sendfile_socket().is_some();
     let (tx, rx) = mpsc::unbounded_channel();
     let mut writer = tokio::spawn(write_loop(wr, rx));
     let budget = Arc::new(Semaphore::new(BUDGET_UNITS as usize));
@@ -249,7 +207,7 @@ where
     let mut stats = Stats::default();
 
     let result = tokio::select! {
-        r = read_loop(&mut rd, &mut buf, &session, zero_copy, &tx, &budget, &shutdown, idle, &mut stats) => r,
+        r = read_loop(&mut rd, &mut buf, &session, sendfile, &tx, &budget, &shutdown, idle, &mut stats) => r,
         _ = cut.cancelled() => Ok(End::Cut),
     };
     // Dropping our sender lets the writer finish once every running request has answered.
@@ -282,7 +240,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
     rd: &mut R,
     buf: &mut BytesMut,
     session: &Arc<Session>,
-    zero_copy: bool,
+    sendfile: bool,
     tx: &Tx,
     budget: &Arc<Semaphore>,
     shutdown: &CancellationToken,
@@ -419,7 +377,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 // to wait goes on as its own task, so it never holds up the next request.
                 let session = Arc::clone(session);
                 let mut running =
-                    Box::pin(async move { execute(&session, zero_copy, &req, op).await });
+                    Box::pin(async move { execute(&session, sendfile, &req, op).await });
                 match poll_once(running.as_mut()).await {
                     Poll::Ready(frames) => send(tx, frames, Some(permit)),
                     Poll::Pending => {
@@ -632,19 +590,20 @@ fn validate(session: &Session, req: &Request, payload: Bytes) -> Result<Op, Refu
     })
 }
 
-/// Runs a validated request on the export's device and builds its reply. With `zero_copy`
-/// (the connection can `sendfile`), a read the device can serve from the page cache is
+/// Runs a validated request on the export's device and builds its reply. With `sendfile`
+/// (the connection is a plain socket), a read the device can serve from the page cache is
 /// answered with the file range itself.
-async fn execute(session: &Session, zero_copy: bool, req: &Request, op: Op) -> Frames {
+async fn execute(session: &Session, sendfile: bool, req: &Request, op: Op) -> Frames {
     let dev = &session.export.device;
     let mode = session.mode;
+    if sendfile
+        && let Op::Read { offset, len, .. } = op
+        && let Some(range) = dev.file_range(offset, len)
+    {
+        return file_reply(mode, req, range);
+    }
     let ok = || wire::ok_reply(mode, req.cookie, req.offset);
     let result = match op {
-        Op::Read { offset, len, .. }
-            if let Some(range) = zero_copy.then(|| dev.zero_copy(offset, len)).flatten() =>
-        {
-            return file_reply(mode, req, range);
-        }
         Op::Read { offset, len, df } => match dev.read(offset, len).await {
             Ok(data) if data.len() == u64::from(len) => {
                 return read_reply(mode, req, data.chunks(), df);
@@ -898,6 +857,7 @@ async fn write_replies<W: ReplyWriter>(
     sent: &mut u64,
 ) -> io::Result<()> {
     let mut batch: Vec<Outgoing> = Vec::with_capacity(MAX_BATCH);
+    let mut sock: Option<SendfileSocket> = None;
     while let Some(first) = rx.recv().await {
         batch.push(first);
         while batch.len() < MAX_BATCH {
@@ -914,7 +874,11 @@ async fn write_replies<W: ReplyWriter>(
             if let Some(range) = &o.frames.tail {
                 write_all_vectored(&mut wr, &parts, true).await?;
                 parts.clear();
-                send_file(&mut wr, range).await?;
+                let sock = match &mut sock {
+                    Some(s) => s,
+                    none => none.insert(sendfile_socket(&wr)?),
+                };
+                send_file(sock, range).await?;
                 *sent += u64::from(range.len);
             }
         }
@@ -927,20 +891,57 @@ async fn write_replies<W: ReplyWriter>(
     wr.shutdown().await
 }
 
-/// Sends a whole file range. The reply's header is already on the wire, so a file that ends
-/// early (truncated behind the server's back) can only end the connection.
-async fn send_file<W: ReplyWriter>(wr: &mut W, range: &FileRange) -> io::Result<()> {
+/// The connection's socket as the blocking pool's `sendfile` calls see it: a duplicate
+/// descriptor, so that it stays open while a call runs even if the connection is dropped
+/// meanwhile, registered with tokio to wait for room in the send buffer.
+type SendfileSocket = AsyncFd<Arc<OwnedFd>>;
+
+#[allow(unsafe_code)]
+fn sendfile_socket<W: ReplyWriter>(wr: &W) -> io::Result<SendfileSocket> {
+    let fd = wr
+        .sendfile_socket()
+        .ok_or_else(|| io::Error::other("a file reply on a connection that cannot sendfile"))?
+        .try_clone_to_owned()?;
+    // SAFETY: the `AsyncFd` owns an `Arc` of the descriptor, so it stays open, and the same
+    // descriptor, for as long as the registration lives (clones only lend it to `sendfile`
+    // calls, and can only keep it open longer).
+    unsafe { AsyncFd::register_with_interest(Arc::new(fd), Interest::WRITABLE) }
+        .map_err(|e| e.into_parts().1)
+}
+
+/// Sends a whole file range. `sendfile` runs on the blocking pool: pages `cachestat` counted
+/// as cached may still be on their way from the disk (readahead), or evicted since, and then
+/// the call waits for them; that must not stall the async worker. When the send buffer is
+/// full the call returns at once and the wait for room happens here, on tokio's readiness.
+/// The reply's header is already on the wire, so a file that ends early (shrunk behind the
+/// server's back) or fails to read can only end the connection.
+async fn send_file(sock: &SendfileSocket, range: &FileRange) -> io::Result<()> {
     let mut offset = range.offset;
     let end = range.offset + u64::from(range.len);
     while offset < end {
+        let mut ready = sock.writable().await?;
+        let (fd, file) = (Arc::clone(sock.get_ref()), Arc::clone(&range.file));
         let want = (end - offset) as usize;
-        let n =
-            std::future::poll_fn(|cx| wr.poll_sendfile(cx, &range.file, &mut offset, want)).await?;
-        if n == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                format!("the image ended at {offset}, inside a read reply already begun"),
-            ));
+        let at = offset;
+        let (result, next) = tokio::task::spawn_blocking(move || {
+            let mut next = at;
+            let r = rustix::fs::sendfile(&*fd, &*file, Some(&mut next), want);
+            (r, next)
+        })
+        .await
+        .map_err(|join| io::Error::other(join.to_string()))?;
+        match result {
+            Ok(0) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("the image ended at {offset}, inside a read reply already begun"),
+                ));
+            }
+            Ok(_) => offset = next,
+            // No room: forget the readiness this call consumed (unless more came since).
+            Err(rustix::io::Errno::AGAIN) => ready.clear_ready(),
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
         }
     }
     Ok(())
