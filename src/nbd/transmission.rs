@@ -677,17 +677,8 @@ fn read_reply(mode: ReplyMode, req: &Request, chunks: &[ReadChunk], df: bool) ->
     }
     if df && chunks.len() > 1 {
         // DF allows a single content chunk: send the holes as explicit zeroes.
-        let len = chunks.iter().map(|c| c.len() as usize).sum::<usize>();
-        wire::chunk_header(
-            &mut hdr,
-            mode,
-            true,
-            reply::OFFSET_DATA,
-            req.cookie,
-            req.offset,
-            8 + len as u64,
-        );
-        hdr.put_u64(req.offset);
+        let len = chunks.iter().map(|c| u64::from(c.len())).sum::<u64>();
+        whole_data_header(&mut hdr, mode, req, len);
         parts.push(hdr.freeze());
         for c in chunks {
             match c {
@@ -748,6 +739,21 @@ fn read_reply(mode: ReplyMode, req: &Request, chunks: &[ReadChunk], df: bool) ->
     Frames::of(parts)
 }
 
+/// The header of a structured READ reply that is one OFFSET_DATA chunk of `len` bytes, the
+/// last: its length counts the 8-byte offset field that follows the header.
+fn whole_data_header(hdr: &mut BytesMut, mode: ReplyMode, req: &Request, len: u64) {
+    wire::chunk_header(
+        hdr,
+        mode,
+        true,
+        reply::OFFSET_DATA,
+        req.cookie,
+        req.offset,
+        8 + len,
+    );
+    hdr.put_u64(req.offset);
+}
+
 /// A read answered from a file: the header, then the bytes by `sendfile`. One data chunk in
 /// structured modes (a file's holes go as zeroes, as a copied read sends them).
 fn file_reply(mode: ReplyMode, req: &Request, range: FileRange) -> Frames {
@@ -755,16 +761,7 @@ fn file_reply(mode: ReplyMode, req: &Request, range: FileRange) -> Frames {
     if mode == ReplyMode::Simple {
         wire::simple_reply(&mut hdr, 0, req.cookie);
     } else {
-        wire::chunk_header(
-            &mut hdr,
-            mode,
-            true,
-            reply::OFFSET_DATA,
-            req.cookie,
-            req.offset,
-            8 + u64::from(range.len),
-        );
-        hdr.put_u64(req.offset);
+        whole_data_header(&mut hdr, mode, req, u64::from(range.len));
     }
     Frames {
         parts: vec![hdr.freeze()],

@@ -281,27 +281,30 @@ const NOWAIT_MAX: u32 = 1 << 20;
 /// Reads from this size up are offered for `sendfile`. Below it, copying the bytes costs less
 /// than the extra system calls (residency check, a `sendfile` of their own instead of a share
 /// of a vectored write with other replies).
-const ZERO_COPY_MIN: u32 = 64 * 1024;
+const SENDFILE_MIN: u32 = 64 * 1024;
 
 /// Whether every page of `[offset, offset + len)` of `file` is in the page cache, by
 /// `cachestat(2)`; `Err` if the kernel cannot tell. A page counts from the moment it is added,
 /// so one still being read in (readahead) counts too: callers must be ready to wait for it.
-#[cfg(any(
-    target_arch = "x86_64",
-    target_arch = "aarch64",
-    target_arch = "riscv64",
-    target_arch = "powerpc64",
-    target_arch = "s390x",
-    target_arch = "loongarch64",
-    target_arch = "x86",
-    target_arch = "arm"
-))]
 #[allow(unsafe_code)]
 fn resident(file: &File, offset: u64, len: u32) -> io::Result<bool> {
     use std::os::fd::AsRawFd;
-    /// `__NR_cachestat` (Linux 6.5) in the unified syscall table these architectures share
-    /// (alpha and mips number it otherwise, and take the copying path).
-    const SYS_CACHESTAT: libc::c_long = 451;
+    /// `__NR_cachestat` (Linux 6.5): 451 in the table every architecture shares for system
+    /// calls added since 5.1, except mips (offset by its ABI's base) and alpha, which Rust
+    /// does not target. On mips the copying path is taken.
+    const SYS_CACHESTAT: libc::c_long = if cfg!(any(
+        target_arch = "mips",
+        target_arch = "mips64",
+        target_arch = "mips32r6",
+        target_arch = "mips64r6"
+    )) {
+        -1
+    } else {
+        451
+    };
+    if SYS_CACHESTAT < 0 {
+        return Err(io::Error::from_raw_os_error(libc::ENOSYS));
+    }
     #[repr(C)]
     struct Range {
         off: u64,
@@ -343,20 +346,6 @@ fn resident(file: &File, offset: u64, len: u32) -> io::Result<bool> {
         return Err(io::Error::last_os_error());
     }
     Ok(stat.nr_cache >= pages)
-}
-
-#[cfg(not(any(
-    target_arch = "x86_64",
-    target_arch = "aarch64",
-    target_arch = "riscv64",
-    target_arch = "powerpc64",
-    target_arch = "s390x",
-    target_arch = "loongarch64",
-    target_arch = "x86",
-    target_arch = "arm"
-)))]
-fn resident(_file: &File, _offset: u64, _len: u32) -> io::Result<bool> {
-    Err(io::Error::from_raw_os_error(libc::ENOSYS))
 }
 
 /// `len` bytes at `offset`, read into fresh memory without zeroing it first.
@@ -456,7 +445,7 @@ impl BlockDevice for FileImage {
     }
 
     fn file_range(&self, offset: u64, len: u32) -> Option<FileRange> {
-        if len < ZERO_COPY_MIN || !self.cachestat.load(Ordering::Relaxed) {
+        if len < SENDFILE_MIN || !self.cachestat.load(Ordering::Relaxed) {
             return None;
         }
         match resident(&self.file, offset, len) {
@@ -642,7 +631,7 @@ mod tests {
         assert_eq!((r.offset, r.len), (4095, 1 << 20));
         assert!(Arc::ptr_eq(&r.file, &img.file));
         // Below the threshold, copying is cheaper.
-        assert!(img.file_range(0, ZERO_COPY_MIN - 1).is_none());
+        assert!(img.file_range(0, SENDFILE_MIN - 1).is_none());
         // Partly outside the cache: the last page of the range was never written.
         assert!(img.file_range((2 << 20) - 65536, 65537).is_none());
         // Written back and dropped from the cache: read (and copied) again.
