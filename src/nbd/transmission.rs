@@ -13,6 +13,7 @@ use std::io::{self, IoSlice};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -201,7 +202,9 @@ where
 {
     let sendfile = wr.sendfile_socket().is_some();
     let (tx, rx) = mpsc::unbounded_channel();
-    let mut writer = tokio::spawn(write_loop(wr, rx));
+    // Counted by the writer as it goes, so that a cut connection reports it too.
+    let sent = Arc::new(AtomicU64::new(0));
+    let mut writer = tokio::spawn(write_loop(wr, rx, Arc::clone(&sent)));
     let budget = Arc::new(Semaphore::new(BUDGET_UNITS as usize));
     let session = Arc::new(session);
     let mut stats = Stats::default();
@@ -214,17 +217,16 @@ where
     drop(tx);
     let written = tokio::select! {
         w = &mut writer => match w {
-            Ok((r, sent)) => {
-                stats.sendfile_bytes = sent;
-                r
-            }
+            Ok(r) => r,
             Err(join) => Err(io::Error::other(join.to_string())),
         },
         _ = cut.cancelled() => {
             writer.abort();
+            stats.sendfile_bytes = sent.load(Ordering::Relaxed);
             return (Ok(End::Cut), stats);
         }
     };
+    stats.sendfile_bytes = sent.load(Ordering::Relaxed);
     let result = match (result, written) {
         (Ok(end), Ok(())) => Ok(end),
         (Ok(End::ClientGone), Err(_)) => Ok(End::ClientGone),
@@ -837,21 +839,12 @@ fn status_reply(
     Ok(Frames::of(vec![b.freeze()]))
 }
 
-/// Sends replies as they arrive, batching those that are ready together. Returns how it ended
-/// and how many bytes went by `sendfile`.
+/// Sends replies as they arrive, batching those that are ready together, and counts in `sent`
+/// the bytes that went by `sendfile`.
 async fn write_loop<W: ReplyWriter>(
-    wr: W,
-    rx: mpsc::UnboundedReceiver<Outgoing>,
-) -> (io::Result<()>, u64) {
-    let mut sent = 0;
-    let r = write_replies(wr, rx, &mut sent).await;
-    (r, sent)
-}
-
-async fn write_replies<W: ReplyWriter>(
     mut wr: W,
     mut rx: mpsc::UnboundedReceiver<Outgoing>,
-    sent: &mut u64,
+    sent: Arc<AtomicU64>,
 ) -> io::Result<()> {
     let mut batch: Vec<Outgoing> = Vec::with_capacity(MAX_BATCH);
     let mut sock: Option<SendfileSocket> = None;
@@ -876,7 +869,7 @@ async fn write_replies<W: ReplyWriter>(
                     none => none.insert(sendfile_socket(&wr)?),
                 };
                 send_file(sock, range).await?;
-                *sent += u64::from(range.len);
+                sent.fetch_add(u64::from(range.len), Ordering::Relaxed);
             }
         }
         write_all_vectored(&mut wr, &parts, false).await?;
