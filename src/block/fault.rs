@@ -25,7 +25,9 @@ use serde::Deserialize;
 use tracing::{debug, info};
 
 use super::retry::{Clock, SplitMix64, TokioClock, duration_text};
-use super::{BlockDevice, BlockError, DeviceInfo, Extent, ReadData, ZeroFlags};
+use super::{
+    BlockDevice, BlockError, DeviceInfo, Extent, Journal, JournalEntry, ReadData, ZeroFlags,
+};
 
 /// Which failure to inject.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -281,7 +283,7 @@ impl Injector {
 #[derive(Debug)]
 pub struct FaultLayer {
     inner: Arc<dyn BlockDevice>,
-    injector: Injector,
+    injector: Arc<Injector>,
 }
 
 impl FaultLayer {
@@ -299,7 +301,7 @@ impl FaultLayer {
     ) -> Self {
         FaultLayer {
             inner,
-            injector: Injector::new(params, clock, "block"),
+            injector: Arc::new(Injector::new(params, clock, "block")),
         }
     }
 
@@ -368,6 +370,33 @@ impl BlockDevice for FaultLayer {
     /// Never delayed or failed (see the module documentation).
     async fn close(&self) -> Result<(), BlockError> {
         self.inner.close().await
+    }
+
+    /// The device below's journal, its appends failed and delayed like writes.
+    fn journal(&self) -> Option<Arc<dyn Journal>> {
+        let inner = self.inner.journal()?;
+        Some(Arc::new(FaultJournal {
+            inner,
+            injector: Arc::clone(&self.injector),
+        }))
+    }
+}
+
+/// A journal whose appends fail and are delayed like writes. An injected failure happens
+/// before the append, so it leaves nothing behind.
+#[derive(Debug)]
+struct FaultJournal {
+    inner: Arc<dyn Journal>,
+    injector: Arc<Injector>,
+}
+
+#[async_trait]
+impl Journal for FaultJournal {
+    async fn append(&self, entries: Vec<JournalEntry>, keep_from: u64) -> Result<u64, BlockError> {
+        if let Some(fault) = self.injector.before(OpKind::Write).await {
+            return Err(fault.block_error("journal", 0));
+        }
+        self.inner.append(entries, keep_from).await
     }
 }
 

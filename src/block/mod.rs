@@ -331,4 +331,59 @@ pub trait BlockDevice: Send + Sync + fmt::Debug + 'static {
 
     /// Flushes what is dirty and releases resources. Called once, when the export retires.
     async fn close(&self) -> Result<(), BlockError>;
+
+    /// The device's flush journal, if it keeps one (see [`Journal`]). `None` (the default)
+    /// for devices that do not; a layer between a cache and such a device hands it on,
+    /// wrapped with what the layer does (retries, faults), or hides it.
+    fn journal(&self) -> Option<Arc<dyn Journal>> {
+        None
+    }
+}
+
+/// One change in a [`Journal`] record. Offsets are the device's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JournalEntry {
+    /// The device's storage already holds this range as it reads now (a block was uploaded
+    /// whole since the previous record): what earlier records say of it no longer applies.
+    Settled {
+        /// Where the range starts.
+        offset: u64,
+        /// Its length.
+        len: u64,
+    },
+    /// The range reads as zeroes.
+    Zero {
+        /// Where the range starts.
+        offset: u64,
+        /// Its length.
+        len: u64,
+    },
+    /// These bytes, at this offset.
+    Data {
+        /// Where the bytes go.
+        offset: u64,
+        /// The bytes.
+        data: Bytes,
+    },
+}
+
+/// A flush journal: durable records of changes, made before the device's own storage holds
+/// them, so that a write-back cache above can make a FLUSH durable with one small record
+/// instead of writing every block it touched.
+///
+/// What the device reads as is its storage with every record that is still kept applied on
+/// top, oldest first, entries in order. Whoever opens the device next (with or without a cache)
+/// applies the kept records before serving anything, so a record is as durable as the
+/// device's storage. The writer of the records tells, at each append, from which record on
+/// they are still needed (`keep_from`): records below it are deleted once the new record is
+/// durable. So the writer may let a record go only when the storage holds everything it says
+/// (or newer data): the device below makes what was written to it durable before it writes
+/// a record, so "written to the device" is enough.
+#[async_trait]
+pub trait Journal: Send + Sync + fmt::Debug {
+    /// Appends a record of `entries` durably and returns its number (numbers increase by one
+    /// per record). Records numbered below `keep_from` are no longer needed once this one is
+    /// durable; `u64::MAX` keeps only this one. Appends must not run concurrently; a failed
+    /// append leaves nothing behind that a later one does not replace.
+    async fn append(&self, entries: Vec<JournalEntry>, keep_from: u64) -> Result<u64, BlockError>;
 }

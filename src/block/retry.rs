@@ -47,7 +47,9 @@ use bytes::Bytes;
 use serde::Deserialize;
 use tracing::{info, warn};
 
-use super::{BlockDevice, BlockError, DeviceInfo, Extent, ReadData, ZeroFlags};
+use super::{
+    BlockDevice, BlockError, DeviceInfo, Extent, Journal, JournalEntry, ReadData, ZeroFlags,
+};
 
 /// Default for [`RetryParams::attempts`].
 pub const DEFAULT_ATTEMPTS: u32 = 5;
@@ -504,7 +506,7 @@ impl Retrier {
 #[derive(Debug)]
 pub struct RetryLayer {
     inner: Arc<dyn BlockDevice>,
-    retrier: Retrier,
+    retrier: Arc<Retrier>,
 }
 
 impl RetryLayer {
@@ -512,7 +514,7 @@ impl RetryLayer {
     pub fn new(inner: Arc<dyn BlockDevice>, params: RetryParams) -> Self {
         RetryLayer {
             inner,
-            retrier: Retrier::new(params),
+            retrier: Arc::new(Retrier::new(params)),
         }
     }
 
@@ -525,7 +527,7 @@ impl RetryLayer {
     ) -> Self {
         RetryLayer {
             inner,
-            retrier: Retrier::with_clock(params, clock, seed),
+            retrier: Arc::new(Retrier::with_clock(params, clock, seed)),
         }
     }
 
@@ -604,6 +606,34 @@ impl BlockDevice for RetryLayer {
 
     async fn close(&self) -> Result<(), BlockError> {
         self.retry("close", Target::Whole, || self.inner.close())
+            .await
+    }
+
+    /// The device below's journal, its appends retried like writes.
+    fn journal(&self) -> Option<Arc<dyn Journal>> {
+        let inner = self.inner.journal()?;
+        Some(Arc::new(RetryJournal {
+            inner,
+            retrier: Arc::clone(&self.retrier),
+        }))
+    }
+}
+
+/// A journal whose appends are retried. An append is safe to retry: a failed one leaves
+/// nothing that the next one does not replace (see [`Journal::append`]).
+#[derive(Debug)]
+struct RetryJournal {
+    inner: Arc<dyn Journal>,
+    retrier: Arc<Retrier>,
+}
+
+#[async_trait]
+impl Journal for RetryJournal {
+    async fn append(&self, entries: Vec<JournalEntry>, keep_from: u64) -> Result<u64, BlockError> {
+        self.retrier
+            .run("block", "journal", Target::Whole, || {
+                self.inner.append(entries.clone(), keep_from)
+            })
             .await
     }
 }

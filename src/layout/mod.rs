@@ -1,4 +1,5 @@
 //! Layouts: how a disk's bytes are laid out in its store: `raw` (one image) and `sharded` (chunks).
 
+pub mod journal;
 pub mod raw;
 pub mod sharded;

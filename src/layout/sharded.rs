@@ -6,7 +6,8 @@
 //! size: that one holds only what is left (so any size is accepted and nothing past the end of
 //! the disk is ever stored). A chunk that does not exist reads as zeroes.
 //!
-//! The metadata is TOML, written once (durably) when the volume is created:
+//! The metadata is TOML, written (durably) when the volume is created, and again once with
+//! `format = 2` when its journal is first used:
 //!
 //! ```toml
 //! format = 1
@@ -19,14 +20,33 @@
 //! pipeline is the only writer of the volume, so the set stays exact and reads of absent chunks,
 //! block status and zeroing of absent ranges never reach the store.
 //!
+//! # The flush journal
+//!
+//! A write-back cache above makes a FLUSH durable by appending one record of what changed since
+//! the last one to the volume's journal ([`crate::block::Journal`]), the objects
+//! `{name}.{n}.journal` (format in [`crate::layout::journal`]), instead of uploading every chunk
+//! it touched. Records are applied when the volume is opened: the newest one names the oldest
+//! record still needed, those are folded into one map of where each changed byte's final
+//! content comes from, the chunks that changes land in are rewritten, and then a record that
+//! needs nothing before it is written and the others are deleted (it last, so that a crash
+//! during the deletions leaves a set that still applies correctly). A read-only export of a
+//! volume with records not yet applied is refused: it cannot apply them and would serve older
+//! data. A volume that has had a journal says `format = 2` in its metadata, which versions that
+//! do not know journals refuse to open.
+//!
+//! Before it writes a record, the journal makes every change already written to the store
+//! durable (`flush`): a record may say that the store holds a range ("settled"), and the
+//! records it lets go may be deleted only once the chunks hold their data.
+//!
 //! Writes go through `put_range` when the store supports it (local stores write in place);
 //! otherwise each touched chunk is read, modified and written back whole under a per-chunk
 //! lock, so that concurrent writes to different parts of one chunk never undo each other.
 //! TRIM and WRITE_ZEROES delete the chunks they cover whole and zero the partial pieces of
 //! present chunks; NO_HOLE is ignored, as an object store has no allocation to keep.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use async_trait::async_trait;
@@ -36,9 +56,10 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::RwLock;
 
 use crate::block::{
-    BlockDevice, BlockError, BlockSizes, DeviceInfo, Extent, ReadChunk, ReadData, STATE_HOLE,
-    STATE_ZERO, ZeroFlags,
+    BlockDevice, BlockError, BlockSizes, DeviceInfo, Extent, Journal, JournalEntry, ReadChunk,
+    ReadData, STATE_HOLE, STATE_ZERO, ZeroFlags,
 };
+use crate::layout::journal::{self, Overlay, Source, record_key, record_number};
 use crate::store::{ObjectStore, StoreError, check_key};
 
 /// The default chunk size: 4 MiB.
@@ -49,8 +70,22 @@ pub const MIN_CHUNK_SIZE: u64 = 4 << 10;
 pub const MAX_CHUNK_SIZE: u64 = 1 << 30;
 /// The largest volume: what a TOML integer holds.
 const MAX_SIZE: u64 = i64::MAX as u64;
-/// The metadata format this code reads and writes.
+/// The metadata format of a volume that has never had a journal.
 const FORMAT: i64 = 1;
+/// The metadata format of a volume that may have journal records: versions that do not know
+/// journals must not open it.
+const FORMAT_JOURNAL: i64 = 2;
+/// Journal records applied at open are kept in memory up to this many bytes; beyond that,
+/// their data is read again, range by range, when it is copied into the chunks.
+#[cfg(not(test))]
+const REPLAY_MEMORY: u64 = 256 << 20;
+/// Small in tests, so that they read records both ways.
+#[cfg(test)]
+const REPLAY_MEMORY: u64 = 64 << 10;
+/// Chunks rewritten at once when journal records are applied at open.
+const REPLAY_PARALLEL: usize = 16;
+/// Deletions of records that are no longer needed, at once.
+const DELETE_PARALLEL: usize = 8;
 /// Per-chunk locks, shared by chunks `n`, `n + STRIPES`, ...
 const STRIPES: usize = 256;
 /// Store calls one request runs at once.
@@ -176,7 +211,10 @@ pub enum ShardedError {
         reason: String,
     },
     /// The metadata is of a format this version does not know.
-    #[error("volume \"{name}\": {key} has format {format}, but this version reads only format 1")]
+    #[error(
+        "volume \"{name}\": {key} has format {format}, but this version reads only formats 1 \
+         and 2"
+    )]
     UnsupportedFormat {
         /// The volume.
         name: String,
@@ -185,10 +223,11 @@ pub enum ShardedError {
         /// The format found.
         format: i64,
     },
-    /// Chunks exist without metadata: creating a volume would adopt them as its content.
+    /// Chunks or journal records exist without metadata: creating a volume would adopt them as
+    /// its content.
     #[error(
-        "volume \"{name}\" has no {key}, but {count} chunk objects such as {example} exist; \
-         refusing to create a volume over them (restore {key} or delete them)"
+        "volume \"{name}\" has no {key}, but {count} chunk or journal objects such as {example} \
+         exist; refusing to create a volume over them (restore {key} or delete them)"
     )]
     Orphans {
         /// The volume.
@@ -199,6 +238,35 @@ pub enum ShardedError {
         count: usize,
         /// One of them.
         example: String,
+    },
+    /// A journal record cannot be read or applied: opening would lose flushed writes.
+    #[error(
+        "volume \"{name}\": journal record {key}: {reason}; refusing to open the volume, as the \
+         flushed writes it holds could not be applied"
+    )]
+    Journal {
+        /// The volume.
+        name: String,
+        /// The record's key.
+        key: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A read-only export of a volume whose journal holds writes not yet in its chunks.
+    #[error(
+        "volume \"{name}\" has {count} journal records ({first} to {last}) with flushed writes \
+         not yet applied to its chunks (left by a server that did not close the volume); a \
+         read-only export cannot apply them: serve the volume writable once"
+    )]
+    UnappliedJournal {
+        /// The volume.
+        name: String,
+        /// How many records.
+        count: usize,
+        /// The oldest record's key.
+        first: String,
+        /// The newest record's key.
+        last: String,
     },
     /// The store failed.
     #[error("volume \"{name}\": {source}")]
@@ -234,6 +302,8 @@ pub struct ShardedVolume {
     /// Per-chunk locks: shared for `put_range` writes (the store keeps non-overlapping ranges
     /// apart), exclusive for read-modify-write and deletion.
     locks: Box<[RwLock<()>]>,
+    /// The flush journal (offered to layers above only when the volume is writable).
+    journal: Arc<VolumeJournal>,
 }
 
 impl std::fmt::Debug for ShardedVolume {
@@ -319,12 +389,16 @@ impl ShardedVolume {
         };
         let meta = store.get(&key, None).await.map_err(store_err)?;
         let listed = store.list(&prefix).await.map_err(store_err)?;
+        let records: Vec<u64> = listed
+            .iter()
+            .filter_map(|k| record_number(&prefix, k))
+            .collect();
         let mut chunks: Vec<(u64, String)> = listed
             .into_iter()
             .filter_map(|k| chunk_index(&prefix, &k).map(|n| (n, k)))
             .collect();
 
-        let (size, id, chunk_size) = match meta {
+        let (size, id, chunk_size, format) = match meta {
             Some(raw) => {
                 let m = parse_metadata(&name, &key, &raw)?;
                 if let Some(wanted) = opts.chunk_size
@@ -347,7 +421,7 @@ impl ShardedVolume {
                         wanted,
                     });
                 }
-                (m.size, m.id, m.chunk_size)
+                (m.size, m.id, m.chunk_size, m.format)
             }
             None => {
                 let chunk_size = opts.chunk_size.unwrap_or(DEFAULT_CHUNK_SIZE);
@@ -357,12 +431,16 @@ impl ShardedVolume {
                 if opts.read_only {
                     return Err(ShardedError::MissingReadOnly { name, key });
                 }
-                if let Some((_, example)) = chunks.first() {
+                let example = chunks
+                    .first()
+                    .map(|(_, k)| k.clone())
+                    .or_else(|| records.first().map(|&n| record_key(&name, n)));
+                if let Some(example) = example {
                     return Err(ShardedError::Orphans {
                         name,
                         key,
-                        count: chunks.len(),
-                        example: example.clone(),
+                        count: chunks.len() + records.len(),
+                        example,
                     });
                 }
                 if opts.create {
@@ -389,10 +467,10 @@ impl ShardedVolume {
                         id = %m.id,
                         "created sharded volume"
                     );
-                    (size, m.id, chunk_size)
+                    (size, m.id, chunk_size, FORMAT)
                 } else {
                     // Dry run: the volume would be created; nothing is.
-                    (size, String::new(), chunk_size)
+                    (size, String::new(), chunk_size, FORMAT)
                 }
             }
         };
@@ -404,10 +482,36 @@ impl ShardedVolume {
             }
             *n < count
         });
-        Ok(ShardedVolume {
+        let read_only = opts.read_only || !opts.create;
+        if opts.read_only && opts.create && !records.is_empty() {
+            let (first, last) = (records.iter().min(), records.iter().max());
+            return Err(ShardedError::UnappliedJournal {
+                count: records.len(),
+                first: record_key(&name, first.copied().unwrap_or(0)),
+                last: record_key(&name, last.copied().unwrap_or(0)),
+                name,
+            });
+        }
+        let journal = Arc::new(VolumeJournal {
+            store: Arc::clone(&store),
+            name: name.clone(),
+            id: id.clone(),
+            meta_key: key,
+            size,
+            chunk_size,
+            state: tokio::sync::Mutex::new(JournalState {
+                next: 1,
+                floor: 1,
+                upgraded: format == FORMAT_JOURNAL,
+                last_empty: false,
+            }),
+            deletions: Mutex::new(Vec::new()),
+            deletions_failed: Arc::new(AtomicBool::new(false)),
+        });
+        let volume = ShardedVolume {
             info: DeviceInfo {
                 size,
-                read_only: opts.read_only || !opts.create,
+                read_only,
                 can_trim: true,
                 can_fast_zero: true,
                 multi_conn: true,
@@ -421,7 +525,13 @@ impl ShardedVolume {
             chunk_size,
             present: Mutex::new(chunks.into_iter().map(|(n, _)| n).collect()),
             locks: (0..STRIPES).map(|_| RwLock::new(())).collect(),
-        })
+            journal,
+        };
+        // A dry run changes nothing, and needs no data.
+        if !records.is_empty() && !read_only {
+            volume.apply_journal(records).await?;
+        }
+        Ok(volume)
     }
 
     /// The volume's unique id (a UUID), recorded when it was created. Empty in a dry run of a
@@ -693,6 +803,313 @@ impl ShardedVolume {
     }
 }
 
+/// What the journal's appends share: the next record number, and the oldest that may exist.
+#[derive(Debug)]
+struct JournalState {
+    /// The number of the next record.
+    next: u64,
+    /// No record below this one is needed (older ones are deleted or being deleted).
+    floor: u64,
+    /// The metadata says format 2.
+    upgraded: bool,
+    /// The newest record is empty and needs nothing before it.
+    last_empty: bool,
+}
+
+/// The flush journal of a volume: see the module documentation.
+#[derive(Debug)]
+struct VolumeJournal {
+    store: Arc<dyn ObjectStore>,
+    name: String,
+    id: String,
+    meta_key: String,
+    size: u64,
+    chunk_size: u64,
+    /// Held by each append, so appends run one at a time.
+    state: tokio::sync::Mutex<JournalState>,
+    /// Deletions of records no longer needed, running in the background.
+    deletions: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// A deletion failed: an old record may be left over, so the newest one must stay.
+    deletions_failed: Arc<AtomicBool>,
+}
+
+impl VolumeJournal {
+    fn key(&self, n: u64) -> String {
+        record_key(&self.name, n)
+    }
+
+    /// Rewrites the metadata as format 2, so that versions that do not apply journals refuse
+    /// the volume.
+    async fn upgrade(&self, st: &mut JournalState) -> Result<(), StoreError> {
+        if st.upgraded {
+            return Ok(());
+        }
+        let m = Metadata {
+            format: FORMAT_JOURNAL,
+            size: self.size,
+            chunk_size: self.chunk_size,
+            id: self.id.clone(),
+        };
+        let text = toml::to_string(&m).map_err(|e| StoreError::Io {
+            op: "put",
+            key: self.meta_key.clone(),
+            source: io::Error::other(e.to_string()),
+        })?;
+        self.store
+            .put(&self.meta_key, Bytes::from(text), true)
+            .await?;
+        tracing::info!(volume = %self.name, "volume metadata now says format 2 (it has a journal)");
+        st.upgraded = true;
+        Ok(())
+    }
+
+    /// Deletes these records in the background.
+    fn delete(&self, numbers: Vec<u64>) {
+        if numbers.is_empty() {
+            return;
+        }
+        let keys: Vec<String> = numbers.into_iter().map(|n| self.key(n)).collect();
+        let store = Arc::clone(&self.store);
+        let failed = Arc::clone(&self.deletions_failed);
+        let name = self.name.clone();
+        let task = tokio::spawn(async move {
+            let errors: Vec<StoreError> = stream::iter(keys)
+                .map(|k| {
+                    let store = Arc::clone(&store);
+                    async move { store.delete(&k, false).await }
+                })
+                .buffer_unordered(DELETE_PARALLEL)
+                .filter_map(|r| async move { r.err() })
+                .collect()
+                .await;
+            if let Some(e) = errors.first() {
+                failed.store(true, Ordering::SeqCst);
+                tracing::warn!(volume = %name, failed = errors.len(), error = %e,
+                    "cannot delete journal records that are no longer needed; the next open \
+                     deletes them");
+            }
+        });
+        let mut running = self.deletions.lock().unwrap_or_else(|e| e.into_inner());
+        running.retain(|t| !t.is_finished());
+        running.push(task);
+    }
+
+    /// Waits for the deletions in flight; then, if the newest record is empty and needs
+    /// nothing before it, and every deletion succeeded, deletes it too, leaving no record.
+    async fn finish(&self) -> Result<(), StoreError> {
+        let running =
+            std::mem::take(&mut *self.deletions.lock().unwrap_or_else(|e| e.into_inner()));
+        for t in running {
+            let _ = t.await;
+        }
+        let mut st = self.state.lock().await;
+        if st.last_empty && st.floor + 1 == st.next && !self.deletions_failed.load(Ordering::SeqCst)
+        {
+            self.store.delete(&self.key(st.floor), true).await?;
+            st.floor = st.next;
+            st.last_empty = false;
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Journal for VolumeJournal {
+    async fn append(&self, entries: Vec<JournalEntry>, keep_from: u64) -> Result<u64, BlockError> {
+        let mut st = self.state.lock().await;
+        self.upgrade(&mut st).await?;
+        // What the record may settle, and what the records it lets go held, must be durable
+        // in the chunks first.
+        self.store.flush().await?;
+        let n = st.next;
+        let keep = keep_from.clamp(st.floor, n);
+        let empty = entries.is_empty();
+        let raw = journal::encode(&self.id, n, keep, &entries);
+        self.store.put(&self.key(n), raw, true).await?;
+        st.next = n + 1;
+        st.last_empty = empty && keep == n;
+        let floor = std::mem::replace(&mut st.floor, keep);
+        self.delete((floor..keep).collect());
+        Ok(n)
+    }
+}
+
+impl ShardedVolume {
+    /// Applies the journal records found at open (see the module documentation).
+    async fn apply_journal(&self, mut numbers: Vec<u64>) -> Result<(), ShardedError> {
+        numbers.sort_unstable();
+        let Some(&newest) = numbers.last() else {
+            return Ok(());
+        };
+        let bad = |n: u64, reason: String| ShardedError::Journal {
+            name: self.name.clone(),
+            key: record_key(&self.name, n),
+            reason,
+        };
+        let store_err = |source| ShardedError::Store {
+            name: self.name.clone(),
+            source,
+        };
+        // The newest record says which are needed; every one of those must be there.
+        let mut kept: HashMap<u64, Bytes> = HashMap::new();
+        let mut kept_bytes = 0u64;
+        let mut overlay = Overlay::default();
+        let mut needed = newest..=newest;
+        let mut n = newest;
+        let mut records = Vec::new();
+        loop {
+            let raw = self
+                .store
+                .get(&record_key(&self.name, n), None)
+                .await
+                .map_err(store_err)?
+                .ok_or_else(|| {
+                    bad(
+                        n,
+                        format!(
+                            "missing (records {} to {newest} are needed)",
+                            needed.start()
+                        ),
+                    )
+                })?;
+            let r = journal::decode(&raw, self.info.size)
+                .map_err(|e| bad(n, format!("not a valid record: {e}")))?;
+            if r.id != self.id {
+                return Err(bad(
+                    n,
+                    format!(
+                        "belongs to volume id {}, not to this volume ({})",
+                        r.id, self.id
+                    ),
+                ));
+            }
+            if r.n != n {
+                return Err(bad(n, format!("says it is record {}", r.n)));
+            }
+            if n == newest {
+                needed = r.keep_from..=newest;
+            }
+            if kept_bytes + raw.len() as u64 <= REPLAY_MEMORY {
+                kept_bytes += raw.len() as u64;
+                kept.insert(n, raw);
+            }
+            records.push(r);
+            if n == *needed.start() {
+                break;
+            }
+            n -= 1;
+        }
+        records.reverse();
+        for r in &records {
+            overlay.apply(r);
+        }
+        let first = *needed.start();
+        tracing::warn!(volume = %self.name, records = records.len(), first, last = newest,
+            "applying journal records left by a server that did not close the volume");
+        // Every changed range (start, end, source), by chunk.
+        type Pieces = Vec<(u64, u64, Source)>;
+        let mut by_chunk: Vec<(u64, Pieces)> = Vec::new();
+        for (start, end, src) in overlay.iter() {
+            let mut at = start;
+            while at < end {
+                let chunk = at / self.chunk_size;
+                let stop = end.min((chunk + 1) * self.chunk_size);
+                let piece = (at, stop, src.advanced_by(at - start));
+                match by_chunk.last_mut() {
+                    Some((c, pieces)) if *c == chunk => pieces.push(piece),
+                    _ => by_chunk.push((chunk, vec![piece])),
+                }
+                at = stop;
+            }
+        }
+        let kept = &kept;
+        stream::iter(by_chunk)
+            .map(|(chunk, pieces)| self.rewrite_chunk(chunk, pieces, kept))
+            .buffer_unordered(REPLAY_PARALLEL)
+            .try_collect::<Vec<()>>()
+            .await?;
+        // Then a record that needs nothing before it, then the deletions, it last.
+        let journal = &self.journal;
+        {
+            let mut st = journal.state.lock().await;
+            st.upgraded = true;
+            st.next = newest + 1;
+            st.floor = newest + 1;
+        }
+        journal
+            .append(Vec::new(), u64::MAX)
+            .await
+            .map_err(|e| ShardedError::Store {
+                name: self.name.clone(),
+                source: match e {
+                    BlockError::Store(source) => source,
+                    other => StoreError::io(
+                        "put",
+                        &journal.key(newest + 1),
+                        io::Error::other(other.to_string()),
+                    ),
+                },
+            })?;
+        journal.delete(numbers);
+        journal.finish().await.map_err(store_err)?;
+        tracing::info!(volume = %self.name, records = records.len(), "journal records applied");
+        Ok(())
+    }
+
+    /// Writes the final content of the changed `pieces` (start, end, source; device offsets,
+    /// in order, within `chunk`) into the chunk.
+    async fn rewrite_chunk(
+        &self,
+        chunk: u64,
+        pieces: Vec<(u64, u64, Source)>,
+        kept: &HashMap<u64, Bytes>,
+    ) -> Result<(), ShardedError> {
+        let store_err = |source| ShardedError::Store {
+            name: self.name.clone(),
+            source,
+        };
+        let key = self.key(chunk);
+        let mut buf = self.load(chunk, &key).await.map_err(store_err)?;
+        let base = chunk * self.chunk_size;
+        for (start, end, src) in pieces {
+            // Within the chunk, so within usize.
+            let (a, b) = ((start - base) as usize, (end - base) as usize);
+            match src {
+                Source::Zero => buf[a..b].fill(0),
+                Source::Data { n, pos } => {
+                    let len = end - start;
+                    let bytes = match kept.get(&n) {
+                        // Bounds checked when the record was decoded.
+                        Some(raw) => raw.slice(pos as usize..(pos + len) as usize),
+                        None => self
+                            .store
+                            .get(&record_key(&self.name, n), Some(pos..pos + len))
+                            .await
+                            .map_err(store_err)?
+                            .filter(|b| b.len() as u64 == len)
+                            .ok_or_else(|| ShardedError::Journal {
+                                name: self.name.clone(),
+                                key: record_key(&self.name, n),
+                                reason: "changed while it was being applied".to_owned(),
+                            })?,
+                    };
+                    buf[a..b].copy_from_slice(&bytes);
+                }
+            }
+        }
+        let len = self.chunk_len(chunk);
+        let whole = Piece {
+            chunk,
+            start: 0,
+            len,
+            pos: 0,
+        };
+        self.write_piece(whole, Bytes::from(buf), true)
+            .await
+            .map_err(store_err)
+    }
+}
+
 /// True if every byte is zero. Checks 64 bytes at a time, which the compiler vectorises, and
 /// stops at the first block with data (so data costs almost nothing to check).
 fn is_zero(data: &[u8]) -> bool {
@@ -713,7 +1130,7 @@ fn parse_metadata(name: &str, key: &str, raw: &[u8]) -> Result<Metadata, Sharded
     // The format first, so that a newer format is reported as such, not as odd fields.
     let table: toml::Table = toml::from_str(text).map_err(|e| bad(e.message().to_owned()))?;
     match table.get("format") {
-        Some(toml::Value::Integer(FORMAT)) => {}
+        Some(toml::Value::Integer(FORMAT | FORMAT_JOURNAL)) => {}
         Some(toml::Value::Integer(format)) => {
             return Err(ShardedError::UnsupportedFormat {
                 name: name.to_owned(),
@@ -800,7 +1217,18 @@ impl BlockDevice for ShardedVolume {
     }
 
     async fn close(&self) -> Result<(), BlockError> {
-        self.flush().await
+        self.flush().await?;
+        if !self.info.read_only {
+            self.journal.finish().await?;
+        }
+        Ok(())
+    }
+
+    fn journal(&self) -> Option<Arc<dyn Journal>> {
+        if self.info.read_only {
+            return None;
+        }
+        Some(Arc::clone(&self.journal) as Arc<dyn Journal>)
     }
 }
 
@@ -1541,8 +1969,9 @@ mod tests {
         let e = open_err(&store, opts("lost", Some(16 * CS))).await;
         assert_eq!(
             e,
-            "volume \"lost\" has no lost.volume, but 1 chunk objects such as lost.7.chunk exist; \
-             refusing to create a volume over them (restore lost.volume or delete them)"
+            "volume \"lost\" has no lost.volume, but 1 chunk or journal objects such as \
+             lost.7.chunk exist; refusing to create a volume over them (restore lost.volume or \
+             delete them)"
         );
         assert_eq!(keys(&store).await, ["lost.2.3.chunk", "lost.7.chunk"]);
     }
@@ -1568,7 +1997,7 @@ mod tests {
     async fn bad_metadata_is_reported() {
         let store: Arc<dyn ObjectStore> = Arc::new(MemoryStore::new());
         let cases: [(&str, &[u8]); 5] = [
-            ("format", b"format = 2\nsize = 1\n"),
+            ("format", b"format = 3\nsize = 1\n"),
             ("garbage", b"\xff\xfe"),
             ("nofmt", b"size = 65536\n"),
             (
@@ -1588,7 +2017,8 @@ mod tests {
         }
         assert_eq!(
             open_err(&store, opts("format", None)).await,
-            "volume \"format\": format.volume has format 2, but this version reads only format 1"
+            "volume \"format\": format.volume has format 3, but this version reads only formats \
+             1 and 2"
         );
         for name in ["garbage", "nofmt", "noid", "odd"] {
             let e = open_err(&store, opts(name, None)).await;
@@ -1599,5 +2029,240 @@ mod tests {
                 "{e}"
             );
         }
+    }
+
+    fn data(offset: u64, b: Bytes) -> JournalEntry {
+        JournalEntry::Data { offset, data: b }
+    }
+
+    fn records(keys: &[String]) -> Vec<String> {
+        keys.iter()
+            .filter(|k| k.ends_with(".journal"))
+            .cloned()
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn journal_records_are_applied_at_the_next_open_and_then_deleted() {
+        for put_range in [false, true] {
+            let store: Arc<dyn ObjectStore> =
+                TestStore::new(Arc::new(MemoryStore::new()), put_range);
+            let v = open(&store, opts("j", Some(4 * CS))).await;
+            v.write(0, pattern(CS, 1), false).await.unwrap();
+            let j = v.journal().unwrap();
+            // Across chunks 0 and 1 (chunk 1 does not exist yet), then zeroes inside chunk 0.
+            let n1 = j
+                .append(
+                    vec![
+                        data(CS - 100, pattern(300, 2)),
+                        JournalEntry::Zero {
+                            offset: 10,
+                            len: 20,
+                        },
+                    ],
+                    1,
+                )
+                .await
+                .unwrap();
+            // Larger than what is kept in memory while applying: read back range by range.
+            let big = pattern(3 * CS / 2, 4);
+            let n2 = j
+                .append(
+                    vec![data(CS + 50, pattern(10, 3)), data(2 * CS, big.clone())],
+                    n1,
+                )
+                .await
+                .unwrap();
+            assert_eq!((n1, n2), (1, 2));
+            let meta = store.get("j.volume", None).await.unwrap().unwrap();
+            assert!(String::from_utf8_lossy(&meta).contains("format = 2"));
+            assert_eq!(records(&keys(&store).await), ["j.1.journal", "j.2.journal"]);
+            // A crash: the chunks below still hold what was written before the records.
+            drop(j);
+            drop(v);
+            let mut want = vec![0u8; 4 * CS as usize];
+            let cs = CS as usize;
+            want[..cs].copy_from_slice(&pattern(CS, 1));
+            want[cs - 100..cs + 200].copy_from_slice(&pattern(300, 2));
+            want[10..30].fill(0);
+            want[cs + 50..cs + 60].copy_from_slice(&pattern(10, 3));
+            want[2 * cs..2 * cs + big.len()].copy_from_slice(&big);
+            let w = open(&store, opts("j", None)).await;
+            assert_eq!(read(&w, 0, 4 * CS).await, want, "put_range: {put_range}");
+            w.close().await.unwrap();
+            assert_eq!(records(&keys(&store).await), Vec::<String>::new());
+            let again = open(&store, opts("j", None)).await;
+            assert_eq!(read(&again, 0, 4 * CS).await, want);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_settled_range_keeps_what_the_chunks_hold_and_keep_from_drops_older_records() {
+        let store: Arc<dyn ObjectStore> = TestStore::whole_objects();
+        let v = open(&store, opts("s", Some(4 * CS))).await;
+        let j = v.journal().unwrap();
+        // Record 1: data in chunks 0 and 2. Then chunk 0 is written whole below and record 2
+        // says so: record 1's data there no longer applies; in chunk 2 it still does.
+        let n1 = j
+            .append(
+                vec![data(100, pattern(50, 1)), data(2 * CS, pattern(50, 2))],
+                1,
+            )
+            .await
+            .unwrap();
+        v.write(0, pattern(CS, 3), false).await.unwrap();
+        let n2 = j
+            .append(vec![JournalEntry::Settled { offset: 0, len: CS }], n1)
+            .await
+            .unwrap();
+        // Record 3 needs nothing before record 3 ... of what record 2 left: 2 and 3 apply.
+        let n3 = j
+            .append(vec![data(3 * CS, pattern(8, 5))], n2)
+            .await
+            .unwrap();
+        assert_eq!(n3, 3);
+        drop(j);
+        drop(v);
+        let w = open(&store, opts("s", None)).await;
+        assert_eq!(read(&w, 0, CS).await, pattern(CS, 3).to_vec());
+        // Record 1 was let go by record 2: its data in chunk 2 is not applied.
+        assert_eq!(read(&w, 2 * CS, 50).await, vec![0; 50]);
+        assert_eq!(read(&w, 3 * CS, 8).await, pattern(8, 5).to_vec());
+        assert_eq!(records(&keys(&store).await), Vec::<String>::new());
+    }
+
+    #[tokio::test]
+    async fn records_let_go_are_deleted_and_a_clean_close_leaves_none() {
+        let store: Arc<dyn ObjectStore> = TestStore::whole_objects();
+        let v = open(&store, opts("c", Some(2 * CS))).await;
+        let j = v.journal().unwrap();
+        for i in 1..=3u64 {
+            assert_eq!(j.append(vec![data(i, pattern(1, 1))], 1).await.unwrap(), i);
+        }
+        // Record 4 needs 3 and itself: 1 and 2 go.
+        j.append(Vec::new(), 3).await.unwrap();
+        v.journal.finish().await.unwrap();
+        assert_eq!(records(&keys(&store).await), ["c.3.journal", "c.4.journal"]);
+        // Everything written below: an empty record that needs nothing else, then close.
+        j.append(Vec::new(), u64::MAX).await.unwrap();
+        v.close().await.unwrap();
+        assert_eq!(records(&keys(&store).await), Vec::<String>::new());
+    }
+
+    #[tokio::test]
+    async fn a_read_only_open_of_a_volume_with_unapplied_records_is_refused() {
+        let store: Arc<dyn ObjectStore> = TestStore::whole_objects();
+        let v = open(&store, opts("ro", Some(2 * CS))).await;
+        let j = v.journal().unwrap();
+        j.append(vec![data(0, pattern(10, 1))], 1).await.unwrap();
+        j.append(vec![data(5, pattern(10, 2))], 1).await.unwrap();
+        drop(j);
+        drop(v);
+        let e = open_err(
+            &store,
+            ShardedOptions {
+                read_only: true,
+                ..opts("ro", None)
+            },
+        )
+        .await;
+        assert_eq!(
+            e,
+            "volume \"ro\" has 2 journal records (ro.1.journal to ro.2.journal) with flushed \
+             writes not yet applied to its chunks (left by a server that did not close the \
+             volume); a read-only export cannot apply them: serve the volume writable once"
+        );
+        // A read-only volume offers no journal; a dry run does not apply one.
+        let dry = open(
+            &store,
+            ShardedOptions {
+                create: false,
+                ..opts("ro", None)
+            },
+        )
+        .await;
+        assert!(dry.journal().is_none());
+        assert_eq!(records(&keys(&store).await).len(), 2);
+        let w = open(&store, opts("ro", None)).await;
+        let mut want = pattern(10, 1).to_vec();
+        want.extend_from_slice(&[0; 5]);
+        want[5..15].copy_from_slice(&pattern(10, 2));
+        assert_eq!(read(&w, 0, 15).await, want);
+    }
+
+    #[tokio::test]
+    async fn records_that_cannot_be_applied_stop_the_open_and_say_why() {
+        let store: Arc<dyn ObjectStore> = TestStore::whole_objects();
+        let v = open(&store, opts("bad", Some(2 * CS))).await;
+        let id = v.volume_id().to_owned();
+        let j = v.journal().unwrap();
+        j.append(vec![data(0, pattern(10, 1))], 1).await.unwrap();
+        j.append(vec![data(0, pattern(10, 2))], 1).await.unwrap();
+        drop(j);
+        drop(v);
+        let tail = "; refusing to open the volume, as the flushed writes it holds could not be \
+                    applied";
+        // Damaged.
+        let good = store.get("bad.2.journal", None).await.unwrap().unwrap();
+        let mut damaged = good.to_vec();
+        damaged[70] ^= 0x40;
+        store
+            .put("bad.2.journal", Bytes::from(damaged), false)
+            .await
+            .unwrap();
+        assert_eq!(
+            open_err(&store, opts("bad", None)).await,
+            format!(
+                "volume \"bad\": journal record bad.2.journal: not a valid record: checksum \
+                 mismatch (the record is damaged){tail}"
+            )
+        );
+        store.put("bad.2.journal", good, false).await.unwrap();
+        // Missing.
+        let first = store.get("bad.1.journal", None).await.unwrap().unwrap();
+        store.delete("bad.1.journal", false).await.unwrap();
+        assert_eq!(
+            open_err(&store, opts("bad", None)).await,
+            format!(
+                "volume \"bad\": journal record bad.1.journal: missing (records 1 to 2 are \
+                 needed){tail}"
+            )
+        );
+        store.put("bad.1.journal", first, false).await.unwrap();
+        // Another volume's, or under another number.
+        let other = journal::encode("11111111-2222-3333-4444-555555555555", 3, 1, &[]);
+        store.put("bad.3.journal", other, false).await.unwrap();
+        assert_eq!(
+            open_err(&store, opts("bad", None)).await,
+            format!(
+                "volume \"bad\": journal record bad.3.journal: belongs to volume id \
+                 11111111-2222-3333-4444-555555555555, not to this volume ({id}){tail}"
+            )
+        );
+        let renamed = journal::encode(&id, 9, 1, &[]);
+        store.put("bad.3.journal", renamed, false).await.unwrap();
+        assert_eq!(
+            open_err(&store, opts("bad", None)).await,
+            format!("volume \"bad\": journal record bad.3.journal: says it is record 9{tail}")
+        );
+        store.delete("bad.3.journal", false).await.unwrap();
+        // Nothing was changed by the refused opens: the records still apply.
+        let w = open(&store, opts("bad", None)).await;
+        assert_eq!(read(&w, 0, 10).await, pattern(10, 2).to_vec());
+    }
+
+    #[tokio::test]
+    async fn journal_records_without_metadata_are_not_adopted() {
+        let store: Arc<dyn ObjectStore> = Arc::new(MemoryStore::new());
+        store
+            .put("gone.4.journal", Bytes::from_static(b"x"), false)
+            .await
+            .unwrap();
+        assert_eq!(
+            open_err(&store, opts("gone", Some(CS))).await,
+            "volume \"gone\" has no gone.volume, but 1 chunk or journal objects such as \
+             gone.4.journal exist; refusing to create a volume over them (restore gone.volume \
+             or delete them)"
+        );
     }
 }
