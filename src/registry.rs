@@ -117,6 +117,10 @@ pub const STAGES: &[Stage] = &[
                 name: "upload_concurrency",
                 doc: "uploads in flight at once (default 8)",
             },
+            Param {
+                name: "journal",
+                doc: "with flush = \"store\" over a sharded volume, FLUSH and FUA append one record of what changed to the volume's journal instead of uploading the blocks (default true)",
+            },
         ],
     },
     Stage {

@@ -47,7 +47,8 @@
 //!
 //! FLUSH uploads every block that was dirty when it arrived, syncs the index, then flushes the
 //! device below; it fails (EIO) if any of those uploads failed, and the blocks stay dirty to be
-//! retried later. FUA uploads the blocks of its request before it returns.
+//! retried later. FUA uploads the blocks of its request before it returns. That is, unless the
+//! device below keeps a journal (see The flush journal).
 //!
 //! With `flush = "local"`, FLUSH and FUA run the index sync instead (see Crash safety), and flush
 //! the device below only for the TRIMs and zeroing passed down to it: they return once the
@@ -67,6 +68,33 @@
 //! behaves like a sharded volume on a store without partial writes (S3). BLOCK_STATUS says so
 //! before the upload too: a dirty block is data, or a hole if it is all zeroes (the cache keeps
 //! a per-sector "may be non-zero" bitmap for that); other blocks are as the device below says.
+//!
+//! # The flush journal
+//!
+//! When the device below keeps a journal ([`Journal`]: a sharded volume) and `flush = "store"`,
+//! FLUSH and FUA append one record of what changed since the previous record, read from the
+//! slots, instead of uploading every dirty block (4 MiB for each 4 KiB written), and run the
+//! index sync at the same time (so that what a restart replays from the slots is never older
+//! than what the journal holds). Concurrent callers share a record: each waits for one captured
+//! after it arrived. What a record holds, per block, since the previous one:
+//!
+//! - *settled*: an upload of the block's whole current content finished (no write since it
+//!   read the slot): what older records say of the block no longer applies, and the sectors
+//!   written before it need not be recorded;
+//! - *zero ranges*: TRIMs and zeroing passed down (whole blocks dropped, partial blocks not
+//!   cached), so that older records cannot bring back data there. A zero range recorded before
+//!   a block is settled is cut out of that block, since a record applies settled ranges first;
+//! - *data*: the sectors written since, which are always in the block's dirty entry, and
+//!   valid there (a write, the only thing that adds them, dirties the entry; only an upload
+//!   that settles the block or a TRIM that drops it ends that).
+//!
+//! A capture that fails puts back what it took under what changed since. Each record counts
+//! the blocks it holds data of, with their content version; once every one of them has been
+//! uploaded at that version or later (or dropped), the next record lets it and every older
+//! one go. Records wait for their blocks' uploads: when they hold more than `max_dirty` bytes,
+//! blocks are uploaded without waiting to rest. If no FLUSH comes, the index syncer writes the
+//! record that lets go of what can be, and a clean close leaves one empty record that needs
+//! nothing, which the volume then deletes.
 //!
 //! # Ordering
 //!
@@ -140,8 +168,8 @@ use tokio::sync::{Notify, Semaphore, watch};
 
 use crate::block::inline::InlineWrites;
 use crate::block::{
-    BlockDevice, BlockError, DeviceInfo, Extent, MAX_PAYLOAD, ReadData, STATE_HOLE, STATE_ZERO,
-    ZeroFlags,
+    BlockDevice, BlockError, DeviceInfo, Extent, Journal, JournalEntry, MAX_PAYLOAD, ReadData,
+    STATE_HOLE, STATE_ZERO, ZeroFlags,
 };
 use crate::config::size::parse_size;
 
@@ -181,6 +209,8 @@ const RETRY_FIRST: Duration = Duration::from_secs(1);
 const RETRY_LAST: Duration = Duration::from_secs(30);
 /// Read-ahead fetches in flight at once.
 const READAHEAD_MAX: usize = 2;
+/// The most data bytes in one journal record: a capture of more is appended as several.
+const RECORD_MAX: u64 = 16 << 20;
 
 const INDEX_MAGIC: &[u8; 8] = b"NBDRSCI1";
 const INDEX_FORMAT: u32 = 1;
@@ -263,6 +293,15 @@ pub struct CacheParams {
     /// Uploads at once (write-back), from 1 to 256; 8 by default.
     #[serde(default = "default_upload_concurrency")]
     pub upload_concurrency: usize,
+    /// With `flush = "store"` (write-back), make FLUSH and FUA durable by appending a record of
+    /// the changes to the device's journal when it keeps one (a sharded volume), rather than
+    /// uploading every block they touched. True by default.
+    #[serde(default = "default_journal")]
+    pub journal: bool,
+}
+
+fn default_journal() -> bool {
+    true
 }
 
 fn default_size() -> u64 {
@@ -287,6 +326,7 @@ impl Default for CacheParams {
             flush: FlushTo::Store,
             max_dirty: None,
             upload_concurrency: DEFAULT_UPLOAD_CONCURRENCY,
+            journal: true,
         }
     }
 }
@@ -924,6 +964,242 @@ struct DiskRec {
     stamp: u64,
 }
 
+/// Sorted, disjoint, non-adjacent ranges of sectors.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+struct Runs(Vec<(u64, u64)>);
+
+impl Runs {
+    /// Adds sectors `lo..hi`.
+    fn add(&mut self, lo: u64, hi: u64) {
+        if lo >= hi {
+            return;
+        }
+        // The first run that ends at or after `lo`, and the first that starts after `hi`.
+        let a = self.0.partition_point(|r| r.1 < lo);
+        let b = self.0.partition_point(|r| r.0 <= hi);
+        if a == b {
+            self.0.insert(a, (lo, hi));
+            return;
+        }
+        let merged = (lo.min(self.0[a].0), hi.max(self.0[b - 1].1));
+        self.0.splice(a..b, [merged]);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Adds every run of `other`.
+    fn union(&mut self, other: &Runs) {
+        for &(lo, hi) in &other.0 {
+            self.add(lo, hi);
+        }
+    }
+
+    /// The sectors of `self` that are also in `other` (sorted, disjoint ranges).
+    fn intersect(&self, other: &[(u64, u64)]) -> Runs {
+        let mut out = Runs::default();
+        for &(a, b) in &self.0 {
+            for &(c, d) in other {
+                let (lo, hi) = (a.max(c), b.min(d));
+                if lo < hi {
+                    out.add(lo, hi);
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Removes bytes `start..end` from a list of ranges (offset, length).
+fn clip(ranges: &mut Vec<(u64, u64)>, start: u64, end: u64) {
+    if !ranges.iter().any(|&(o, l)| o < end && start < o + l) {
+        return;
+    }
+    let mut out = Vec::with_capacity(ranges.len() + 1);
+    for &(o, l) in ranges.iter() {
+        let e = o + l;
+        if e <= start || o >= end {
+            out.push((o, l));
+            continue;
+        }
+        if o < start {
+            out.push((o, start - o));
+        }
+        if e > end {
+            out.push((end, e - end));
+        }
+    }
+    *ranges = out;
+}
+
+/// What changed in a block since the last journal record.
+#[derive(Debug, Default, Clone)]
+struct Pending {
+    /// An upload of the block's whole content, as it is now, finished: the device below holds
+    /// it, so what earlier records say of the block no longer applies.
+    settled: bool,
+    /// Sectors written since (always cached, and valid, in the block's dirty entry).
+    runs: Runs,
+}
+
+/// A block whose written sectors a journal capture reads from its (pinned) slot.
+#[derive(Debug, Clone)]
+struct Captured {
+    block: u64,
+    /// The entry and its content version at the capture.
+    id: u64,
+    seq: u64,
+    slot: u32,
+    /// The block's length.
+    len: u32,
+    runs: Runs,
+}
+
+impl Captured {
+    fn bytes(&self) -> u64 {
+        self.runs.0.iter().map(|&(lo, hi)| (hi - lo) * SECTOR).sum()
+    }
+}
+
+/// A journal record appended and not yet known to be held by the device below.
+#[derive(Debug)]
+struct LiveRecord {
+    n: u64,
+    /// Its data bytes.
+    bytes: u64,
+    /// The blocks it holds data of: block, entry id, content version at the capture. The record
+    /// is settled once each of them is uploaded at that version or later, or dropped.
+    blocks: Vec<(u64, u64, u64)>,
+}
+
+/// The journal's bookkeeping (write-back with `flush = "store"` over a device that keeps a
+/// journal; see the module documentation).
+#[derive(Debug, Default)]
+struct JournalBook {
+    /// Set at open: the rest is used only then.
+    on: bool,
+    /// The cache's block size and the device's size (set at open).
+    block_size: u64,
+    size: u64,
+    /// Per block, what changed since the last record.
+    blocks: HashMap<u64, Pending>,
+    /// Ranges zeroed below since the last record (device offsets, offset and length), in
+    /// order.
+    zeroed: Vec<(u64, u64)>,
+    /// Records appended and not yet settled, oldest first.
+    live: std::collections::VecDeque<LiveRecord>,
+    /// Data bytes of `live`.
+    live_bytes: u64,
+    /// The number of the newest record, once one was appended.
+    last: Option<u64>,
+    /// The newest record is empty and needs nothing before it.
+    tail_clean: bool,
+    /// What the newest record kept (the journal deletes records below it).
+    announced: u64,
+}
+
+impl JournalBook {
+    /// Drops the settled records at the front of `live`, and returns the oldest record still
+    /// needed (`u64::MAX`: none).
+    fn keep_from(&mut self, entries: &HashMap<u64, Entry>) -> u64 {
+        while let Some(r) = self.live.front() {
+            let settled = r.blocks.iter().all(|&(b, id, seq)| {
+                entries
+                    .get(&b)
+                    .is_none_or(|e| e.id != id || e.uploaded >= seq)
+            });
+            if !settled {
+                return r.n;
+            }
+            self.live_bytes -= r.bytes;
+            self.live.pop_front();
+        }
+        u64::MAX
+    }
+
+    /// True if a record appended now would let an older one go that holds anything.
+    fn can_let_go(&mut self, entries: &HashMap<u64, Entry>) -> bool {
+        let Some(last) = self.last else {
+            return false;
+        };
+        let keep = self.keep_from(entries);
+        if keep == u64::MAX && self.tail_clean {
+            return false;
+        }
+        keep.min(last + 1) > self.announced
+    }
+
+    /// Records a write of sectors `lo..hi` of `block`.
+    fn wrote(&mut self, block: u64, lo: u64, hi: u64) {
+        if self.on {
+            self.blocks.entry(block).or_default().runs.add(lo, hi);
+        }
+    }
+
+    /// The device bytes of `block`.
+    fn range(&self, block: u64) -> (u64, u64) {
+        let start = block * self.block_size;
+        (start, (start + self.block_size).min(self.size))
+    }
+
+    /// Records that the device below now holds `block` as it is. Zero ranges recorded before
+    /// are cut out of the block: they happened before the upload, which holds their effect,
+    /// and a record applies settled ranges before zero ranges.
+    fn settled(&mut self, block: u64) {
+        if self.on {
+            let p = self.blocks.entry(block).or_default();
+            p.settled = true;
+            p.runs = Runs::default();
+            let (start, end) = self.range(block);
+            clip(&mut self.zeroed, start, end);
+        }
+    }
+
+    /// Records a range zeroed below, whose blocks `first..=last` (if any) were dropped whole.
+    fn zeroed(&mut self, offset: u64, len: u64, dropped: Option<(u64, u64)>) {
+        if !self.on {
+            return;
+        }
+        self.zeroed.push((offset, len));
+        if let Some((first, last)) = dropped {
+            // The zero range says all there is to say of them.
+            self.blocks.retain(|b, _| !(first..=last).contains(b));
+        }
+    }
+
+    /// Puts back what a failed capture took, under what changed since: a block settled since
+    /// stays settled; sectors of a block that is no longer dirty (dropped by a TRIM or
+    /// zeroing, whose zero range is recorded) or no longer valid in its entry are left out.
+    fn put_back(
+        &mut self,
+        entries: &HashMap<u64, Entry>,
+        taken: HashMap<u64, Pending>,
+        zeroed: Vec<(u64, u64)>,
+    ) {
+        let mut zeroed = zeroed;
+        for (b, p) in taken {
+            let cur = self.blocks.entry(b).or_default();
+            if cur.settled {
+                // Settled since the capture: the older zero ranges in it happened before.
+                let (start, end) = (
+                    b * self.block_size,
+                    ((b + 1) * self.block_size).min(self.size),
+                );
+                clip(&mut zeroed, start, end);
+                continue;
+            }
+            cur.settled = p.settled;
+            if let Some(e) = entries.get(&b).filter(|e| e.dirty) {
+                let valid = e.valid.runs(sectors_of(e.len), true);
+                cur.runs.union(&p.runs.intersect(&valid));
+            }
+        }
+        let newer = std::mem::replace(&mut self.zeroed, zeroed);
+        self.zeroed.extend(newer);
+    }
+}
+
 /// The slot map. Every slot is in exactly one place: never used (`fresh..slots`), `free`,
 /// `pending` (free, but the index may still name it dirty), held by an entry, reserved by a
 /// fill that is writing it, or in `orphans` (dropped while pinned).
@@ -960,6 +1236,8 @@ struct State {
     sync_wanted: bool,
     /// Generation of the last index sync.
     generation: u64,
+    /// The flush journal's bookkeeping.
+    journal: JournalBook,
 }
 
 struct FillReg {
@@ -1413,6 +1691,27 @@ impl Drop for UploadGuard {
     }
 }
 
+/// Slots pinned for a journal capture: unpinned when dropped.
+struct PinGuard {
+    shared: Arc<Shared>,
+    /// block, slot
+    pins: Vec<(u64, u32)>,
+}
+
+impl Drop for PinGuard {
+    fn drop(&mut self) {
+        if self.pins.is_empty() {
+            return;
+        }
+        let mut st = self.shared.lock();
+        for (block, slot) in self.pins.drain(..) {
+            st.unpin(block, slot);
+        }
+        drop(st);
+        self.shared.changed.notify_waiters();
+    }
+}
+
 /// Counts a write, trim or zeroing in flight, for `close`.
 struct Mutation {
     shared: Arc<Shared>,
@@ -1482,6 +1781,13 @@ struct Shared {
     waiting_writers: AtomicUsize,
     last_read_end: AtomicU64,
     readaheads: AtomicUsize,
+    /// The device's journal, when FLUSH and FUA use it.
+    journal: Option<Arc<dyn Journal>>,
+    /// One journal capture at a time.
+    commit_lock: tokio::sync::Mutex<()>,
+    /// Journal captures begun, and the number of the last one that succeeded.
+    captures_started: AtomicU64,
+    captures_done: AtomicU64,
     /// Tests: the uploader starts nothing (FLUSH and FUA still upload).
     #[cfg(test)]
     background_paused: std::sync::atomic::AtomicBool,
@@ -2009,14 +2315,14 @@ impl Shared {
                 Ok(()) => shared.zeroness(slot, start, &data, block_end),
                 Err(_) => Vec::new(),
             };
-            let seq = shared.lock().finish_write(
-                block,
-                id,
-                slot,
-                r.is_ok(),
-                (whole_lo, whole_hi),
-                &zeroness,
-            );
+            let mut st = shared.lock();
+            let seq = st.finish_write(block, id, slot, r.is_ok(), (whole_lo, whole_hi), &zeroness);
+            if r.is_ok() && seq != 0 {
+                // Every sector it wrote to, whole or in part.
+                st.journal
+                    .wrote(block, start / SECTOR, end.div_ceil(SECTOR));
+            }
+            drop(st);
             shared.changed.notify_waiters();
             r.map(|()| seq)
         };
@@ -2040,6 +2346,9 @@ impl Shared {
     /// FUA: uploads the given versions of these blocks and makes them durable below, and
     /// syncs the index if it may hold older dirty data of them.
     async fn make_durable(self: &Arc<Self>, touched: &[(u64, u64, u64)]) -> Result<(), BlockError> {
+        if self.journal.is_some() {
+            return self.journal_flush().await;
+        }
         if self.flush_to == FlushTo::Local {
             // The index sync records the blocks just written as dirty, data first.
             self.sync_local(true).await?;
@@ -2190,6 +2499,7 @@ impl Shared {
             e.uploaded = e.uploaded.max(seq);
             if e.seq == seq && e.writers == 0 {
                 st.make_clean(block);
+                st.journal.settled(block);
             }
         }
         drop(st);
@@ -2213,7 +2523,18 @@ impl Shared {
             return None;
         }
         let waiting = self.waiting_writers.load(Ordering::SeqCst) > 0;
-        let pressure = st.dirty_bytes.saturating_mul(2) >= self.max_dirty || waiting;
+        // Journal records wait for the uploads of their blocks: at most `max_dirty` of them.
+        let journal_full = {
+            let State {
+                entries, journal, ..
+            } = &mut *st;
+            journal.on && {
+                journal.keep_from(entries);
+                journal.live_bytes > self.max_dirty
+            }
+        };
+        let pressure =
+            st.dirty_bytes.saturating_mul(2) >= self.max_dirty || waiting || journal_full;
         let room = self.upload_concurrency.saturating_sub(st.uploads);
         let mut picks = Vec::new();
         let mut fallback = Vec::new();
@@ -2316,28 +2637,32 @@ impl Shared {
         };
         let mut recorded = false;
         if passed.is_ok() {
-            // Clean copies of partial blocks passed down are stale now (entries added by
-            // writes meanwhile are dirty, and newer).
-            {
-                let mut st = self.lock();
-                for b in edges.iter().filter(|b| !local.contains(b)) {
-                    if st.entries.get(b).is_some_and(|e| !e.dirty) {
-                        st.remove_entry(*b);
-                    }
-                }
-            }
             let w_first = if whole(first) { first } else { first + 1 };
             let w_last = if whole(last) {
                 Some(last)
             } else {
                 last.checked_sub(1)
             };
-            if let Some(w_last) = w_last
-                && w_first <= w_last
-            {
-                recorded = self.lock().drop_range(w_first, w_last);
-                self.changed.notify_waiters();
+            let dropped = w_last
+                .filter(|&w_last| w_first <= w_last)
+                .map(|w_last| (w_first, w_last));
+            let mut st = self.lock();
+            // Clean copies of partial blocks passed down are stale now (entries added by
+            // writes meanwhile are dirty, and newer).
+            for b in edges.iter().filter(|b| !local.contains(b)) {
+                if st.entries.get(b).is_some_and(|e| !e.dirty) {
+                    st.remove_entry(*b);
+                }
             }
+            if let Some((w_first, w_last)) = dropped {
+                recorded = st.drop_range(w_first, w_last);
+            }
+            if lo < hi {
+                // In the same step as the drop: a capture sees both or neither.
+                st.journal.zeroed(lo, hi - lo, dropped);
+            }
+            drop(st);
+            self.changed.notify_waiters();
         }
         drop(range);
         passed?;
@@ -2351,6 +2676,10 @@ impl Shared {
             touched.push((b, id, seq));
         }
         if flags.fua {
+            if self.journal.is_some() {
+                // The zero range must reach the journal: older records may hold data there.
+                return self.journal_flush().await;
+            }
             if recorded {
                 self.sync_local(true).await?;
             }
@@ -2365,11 +2694,243 @@ impl Shared {
     /// `flush = "local"`, only syncs the index (which makes every write acknowledged so far
     /// durable in the cache) and flushes below (for TRIMs and zeroing passed down).
     async fn flush_back(self: &Arc<Self>) -> Result<(), BlockError> {
-        if self.flush_to == FlushTo::Local && !self.lock().released {
+        if self.lock().released {
+            return self.flush_to_store().await;
+        }
+        if self.journal.is_some() {
+            return self.journal_flush().await;
+        }
+        if self.flush_to == FlushTo::Local {
             self.sync_local(true).await?;
             return self.inner.flush().await;
         }
         self.flush_to_store().await
+    }
+
+    /// FLUSH and FUA with a journal: the index sync (so that what a restart replays from the
+    /// cache is never older than what the journal holds) and a journal record of everything
+    /// written since the last one, at once.
+    async fn journal_flush(self: &Arc<Self>) -> Result<(), BlockError> {
+        let (local, committed) = tokio::join!(self.sync_local(true), self.commit());
+        local?;
+        committed
+    }
+
+    /// Makes everything written so far durable in the journal: waits for a record captured
+    /// after this call to be appended, writing it if none is under way (one capture at a time;
+    /// callers that arrive meanwhile share the next one).
+    async fn commit(self: &Arc<Self>) -> Result<(), BlockError> {
+        let arrived = self.captures_started.load(Ordering::SeqCst);
+        let shared = Arc::clone(self);
+        // In its own task: a capture abandoned halfway would lose what it took.
+        let task = tokio::spawn(async move {
+            let _one = shared.commit_lock.lock().await;
+            if shared.captures_done.load(Ordering::SeqCst) > arrived {
+                return Ok(());
+            }
+            shared.capture(false).await
+        });
+        joined("flush", 0, task).await
+    }
+
+    /// Takes what changed since the last record and appends it to the journal (in records of
+    /// at most [`RECORD_MAX`] data bytes), telling the journal which older records it still
+    /// needs. Appends nothing if nothing changed and no record can be let go, unless `close`:
+    /// then, with nothing live, it leaves one empty record that needs nothing before it. The
+    /// caller holds `commit_lock`.
+    async fn capture(self: &Arc<Self>, close: bool) -> Result<(), BlockError> {
+        let Some(journal) = self.journal.clone() else {
+            return Ok(());
+        };
+        let bs = self.block_size;
+        let (number, taken, zeroed, mut pins, mut keep_from, skip) = {
+            let mut st = self.lock();
+            if st.released {
+                return Err(BlockError::io(
+                    "flush",
+                    0,
+                    io::Error::other("the cache is closed"),
+                ));
+            }
+            let number = self.captures_started.fetch_add(1, Ordering::SeqCst) + 1;
+            let taken = std::mem::take(&mut st.journal.blocks);
+            let zeroed = std::mem::take(&mut st.journal.zeroed);
+            let State {
+                entries, journal, ..
+            } = &mut *st;
+            let keep_from = journal.keep_from(entries);
+            let mut pins = Vec::new();
+            let mut lost = Vec::new();
+            for (&b, p) in &taken {
+                if p.runs.is_empty() {
+                    continue;
+                }
+                match entries.get_mut(&b) {
+                    Some(e) if e.dirty => {
+                        e.pins += 1;
+                        pins.push(Captured {
+                            block: b,
+                            id: e.id,
+                            seq: e.seq,
+                            slot: e.slot,
+                            len: e.len,
+                            runs: p.runs.clone(),
+                        });
+                    }
+                    _ => lost.push(b),
+                }
+            }
+            if !lost.is_empty() {
+                // Never expected: written sectors always belong to a dirty entry.
+                tracing::error!(dir = %self.dir.display(), blocks = ?lost,
+                    "journal bookkeeping names blocks that are not dirty in the cache");
+            }
+            let nothing =
+                pins.is_empty() && zeroed.is_empty() && taken.values().all(|p| !p.settled);
+            let skip = if close {
+                journal.last.is_none() || (journal.tail_clean && keep_from == u64::MAX)
+            } else {
+                nothing && !journal.can_let_go(entries)
+            };
+            (number, taken, zeroed, pins, keep_from, skip)
+        };
+        if skip {
+            self.captures_done.store(number, Ordering::SeqCst);
+            return Ok(());
+        }
+        pins.sort_unstable_by_key(|p| p.block);
+        let mut unpin = PinGuard {
+            shared: Arc::clone(self),
+            pins: pins.iter().map(|p| (p.block, p.slot)).collect(),
+        };
+        // With nothing older kept, settled ranges and zero ranges mask nothing: leave them out.
+        let mut first: Vec<JournalEntry> = Vec::new();
+        if keep_from != u64::MAX {
+            let mut settled: Vec<u64> = taken
+                .iter()
+                .filter(|(_, p)| p.settled)
+                .map(|(&b, _)| b)
+                .collect();
+            settled.sort_unstable();
+            first.extend(settled.into_iter().map(|b| JournalEntry::Settled {
+                offset: b * bs,
+                len: u64::from(self.block_len(b)),
+            }));
+            first.extend(
+                zeroed
+                    .iter()
+                    .map(|&(offset, len)| JournalEntry::Zero { offset, len }),
+            );
+        }
+        let result: Result<(), BlockError> = async {
+            let mut batches: Vec<Vec<Captured>> = vec![Vec::new()];
+            let mut size = 0u64;
+            for p in pins.drain(..) {
+                let bytes = p.bytes();
+                if size > 0 && size + bytes > RECORD_MAX {
+                    batches.push(Vec::new());
+                    size = 0;
+                }
+                size += bytes;
+                if let Some(b) = batches.last_mut() {
+                    b.push(p);
+                }
+            }
+            let mut first = Some(std::mem::take(&mut first));
+            for batch in batches {
+                let shared = Arc::clone(self);
+                // Batches take the pins in order.
+                let release: Vec<(u64, u32)> = unpin.pins.drain(..batch.len()).collect();
+                let reads = batch.clone();
+                let data = blocking(move || {
+                    let guard = PinGuard {
+                        shared: Arc::clone(&shared),
+                        pins: release,
+                    };
+                    let r = shared.read_runs(&reads);
+                    drop(guard);
+                    r
+                })
+                .await
+                .map_err(|e| {
+                    tracing::error!(dir = %self.dir.display(), error = %e,
+                        "cannot read dirty data from the cache file");
+                    BlockError::io("flush", 0, e)
+                })?;
+                let mut entries = first.take().unwrap_or_default();
+                let bytes = data.iter().map(|(_, d)| d.len() as u64).sum();
+                entries.extend(
+                    data.into_iter()
+                        .map(|(offset, data)| JournalEntry::Data { offset, data }),
+                );
+                let n = journal.append(entries, keep_from).await?;
+                let mut st = self.lock();
+                let book = &mut st.journal;
+                book.tail_clean = bytes == 0 && keep_from == u64::MAX && batch.is_empty();
+                book.last = Some(n);
+                book.announced = keep_from.min(n);
+                if keep_from == u64::MAX {
+                    // Later records of this capture need this one.
+                    keep_from = n;
+                }
+                if !batch.is_empty() {
+                    book.live_bytes += bytes;
+                    book.live.push_back(LiveRecord {
+                        n,
+                        bytes,
+                        blocks: batch.iter().map(|p| (p.block, p.id, p.seq)).collect(),
+                    });
+                }
+            }
+            Ok(())
+        }
+        .await;
+        drop(unpin);
+        match result {
+            Ok(()) => {
+                self.captures_done.store(number, Ordering::SeqCst);
+                Ok(())
+            }
+            Err(e) => {
+                let mut st = self.lock();
+                let State {
+                    entries, journal, ..
+                } = &mut *st;
+                journal.put_back(entries, taken, zeroed);
+                Err(e)
+            }
+        }
+    }
+
+    /// True if the oldest journal record still counted as needed is settled now, so that the
+    /// next record would let it go.
+    fn journal_retirable(&self) -> bool {
+        let mut st = self.lock();
+        let State {
+            entries, journal, ..
+        } = &mut *st;
+        journal.can_let_go(entries)
+    }
+
+    /// Runs on the blocking pool: reads the written sectors of captured (pinned) slots as
+    /// journal data: device offset and bytes.
+    fn read_runs(&self, reads: &[Captured]) -> io::Result<Vec<(u64, Bytes)>> {
+        let mut out = Vec::new();
+        for c in reads {
+            for &(lo, hi) in &c.runs.0 {
+                let a = lo * SECTOR;
+                let b = (hi * SECTOR).min(u64::from(c.len));
+                if a >= b {
+                    continue;
+                }
+                // Within a block.
+                let mut buf = vec![0u8; (b - a) as usize];
+                self.data
+                    .read_exact_at(&mut buf, self.slot_offset(c.slot) + a)?;
+                out.push((c.block * self.block_size + a, Bytes::from(buf)));
+            }
+        }
+        Ok(out)
     }
 
     /// Uploads every block dirty now, syncs the index, flushes below.
@@ -3022,6 +3583,17 @@ impl CacheLayer {
         })?;
 
         let max_dirty = params.effective_max_dirty();
+        let journal = if params.journal
+            && params.mode == CacheMode::WriteBack
+            && params.flush == FlushTo::Store
+        {
+            inner.journal()
+        } else {
+            None
+        };
+        st.journal.on = journal.is_some();
+        st.journal.block_size = block_size;
+        st.journal.size = size;
         let (shutdown, _) = watch::channel(false);
         let shared = Arc::new(Shared {
             info: DeviceInfo {
@@ -3053,6 +3625,10 @@ impl CacheLayer {
             waiting_writers: AtomicUsize::new(0),
             last_read_end: AtomicU64::new(u64::MAX),
             readaheads: AtomicUsize::new(0),
+            journal,
+            commit_lock: tokio::sync::Mutex::new(()),
+            captures_started: AtomicU64::new(0),
+            captures_done: AtomicU64::new(0),
             #[cfg(test)]
             background_paused: std::sync::atomic::AtomicBool::new(false),
         });
@@ -3064,7 +3640,8 @@ impl CacheLayer {
         let layer = CacheLayer { shared };
         tracing::info!(dir = %dir.display(), mode = %params.mode, flush = %params.flush, size = params.size,
             block_size, slots, max_dirty, upload_concurrency = params.upload_concurrency,
-            clean_blocks = clean_count, dirty_blocks = dirty_count, "cache opened");
+            journal = layer.shared.journal.is_some(), clean_blocks = clean_count,
+            dirty_blocks = dirty_count, "cache opened");
         if dirty_count > 0 {
             tracing::warn!(dir = %dir.display(), dirty_blocks = dirty_count,
                 "uploading dirty blocks left by an earlier run");
@@ -3154,6 +3731,11 @@ async fn syncer(shared: Arc<Shared>) {
         }
         // A failure is logged; the next round tries again.
         let _ = shared.sync_local(false).await;
+        // Journal records whose blocks were all uploaded since are let go by the next record:
+        // write one if no FLUSH has for a while.
+        if shared.journal.is_some() && shared.journal_retirable() {
+            let _ = shared.commit().await;
+        }
     }
 }
 
@@ -3414,6 +3996,11 @@ impl BlockDevice for CacheLayer {
                 Err(e) => Err(e),
             },
         };
+        if result.is_ok() && s.journal.is_some() {
+            // Everything is uploaded: a last record lets every other one go.
+            let _one = s.commit_lock.lock().await;
+            result = s.capture(true).await;
+        }
         if result.is_ok() {
             let shared = Arc::clone(s);
             match blocking(move || shared.write_clean_index()).await {
@@ -3438,8 +4025,15 @@ impl BlockDevice for CacheLayer {
         }
         if let Err(e) = &result {
             let dirty_blocks = s.lock().dirty_order.len();
-            tracing::error!(dir = %s.dir.display(), dirty_blocks, error = %e,
-                "cache closed with dirty blocks not uploaded; they are replayed at the next start");
+            if dirty_blocks > 0 {
+                tracing::error!(dir = %s.dir.display(), dirty_blocks, error = %e,
+                    "cache closed with dirty blocks not uploaded; they are replayed at the next start");
+            } else {
+                tracing::error!(dir = %s.dir.display(), error = %e,
+                    "cache closed with every block uploaded, but without its last journal record: \
+                     the next start applies the older records again, which can undo writes made \
+                     after the last FLUSH");
+            }
         }
         let closed = s.inner.close().await;
         result.and(closed)
@@ -3452,6 +4046,8 @@ mod tests {
 
     use super::*;
     use crate::layout::raw::MemoryImage;
+
+    mod journal;
 
     const BS: u64 = 4096;
 
