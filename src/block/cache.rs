@@ -211,6 +211,8 @@ const RETRY_LAST: Duration = Duration::from_secs(30);
 const READAHEAD_MAX: usize = 2;
 /// The most data bytes in one journal record: a capture of more is appended as several.
 const RECORD_MAX: u64 = 16 << 20;
+/// The most settled and zero ranges in one journal record.
+const RECORD_ENTRIES: usize = 1 << 16;
 
 const INDEX_MAGIC: &[u8; 8] = b"NBDRSCI1";
 const INDEX_FORMAT: u32 = 1;
@@ -1097,6 +1099,9 @@ struct JournalBook {
     tail_clean: bool,
     /// What the newest record kept (the journal deletes records below it).
     announced: u64,
+    /// An append failed since the last one that succeeded: the journal may hold a record that
+    /// only the next append replaces.
+    append_failed: bool,
 }
 
 impl JournalBook {
@@ -1161,7 +1166,11 @@ impl JournalBook {
         if !self.on {
             return;
         }
-        self.zeroed.push((offset, len));
+        match self.zeroed.last_mut() {
+            // A TRIM right after the previous one (fstrim, mkfs): one range.
+            Some((o, l)) if *o + *l == offset => *l += len,
+            _ => self.zeroed.push((offset, len)),
+        }
         if let Some((first, last)) = dropped {
             // The zero range says all there is to say of them.
             self.blocks.retain(|b, _| !(first..=last).contains(b));
@@ -1788,6 +1797,8 @@ struct Shared {
     /// Journal captures begun, and the number of the last one that succeeded.
     captures_started: AtomicU64,
     captures_done: AtomicU64,
+    /// The index syncer's capture that lets records go is running.
+    retiring: std::sync::atomic::AtomicBool,
     /// Tests: the uploader starts nothing (FLUSH and FUA still upload).
     #[cfg(test)]
     background_paused: std::sync::atomic::AtomicBool,
@@ -2660,6 +2671,27 @@ impl Shared {
             if lo < hi {
                 // In the same step as the drop: a capture sees both or neither.
                 st.journal.zeroed(lo, hi - lo, dropped);
+                // A write racing this request may have cached an edge block passed down, and a
+                // capture may have taken it already: record what it holds in the range again,
+                // after the zero range, as the cache serves it.
+                for &b in edges.iter().filter(|b| !local.contains(b)) {
+                    let State {
+                        entries, journal, ..
+                    } = &mut *st;
+                    let Some(e) = entries.get(&b).filter(|e| e.dirty) else {
+                        continue;
+                    };
+                    let start = b * bs;
+                    let (a, z) = (lo.max(start), hi.min(start + u64::from(e.len)));
+                    if a >= z {
+                        continue;
+                    }
+                    let range = [((a - start) / SECTOR, (z - start).div_ceil(SECTOR))];
+                    let held = Runs(e.valid.runs(sectors_of(e.len), true)).intersect(&range);
+                    for &(x, y) in &held.0 {
+                        journal.wrote(b, x, y);
+                    }
+                }
             }
             drop(st);
             self.changed.notify_waiters();
@@ -2743,7 +2775,7 @@ impl Shared {
             return Ok(());
         };
         let bs = self.block_size;
-        let (number, taken, zeroed, mut pins, mut keep_from, skip) = {
+        let (number, taken, zeroed, mut pins, mut keep_from) = {
             let mut st = self.lock();
             if st.released {
                 return Err(BlockError::io(
@@ -2753,12 +2785,30 @@ impl Shared {
                 ));
             }
             let number = self.captures_started.fetch_add(1, Ordering::SeqCst) + 1;
-            let taken = std::mem::take(&mut st.journal.blocks);
-            let zeroed = std::mem::take(&mut st.journal.zeroed);
             let State {
                 entries, journal, ..
             } = &mut *st;
             let keep_from = journal.keep_from(entries);
+            let nothing = journal.zeroed.is_empty()
+                && journal
+                    .blocks
+                    .values()
+                    .all(|p| p.runs.is_empty() && !p.settled);
+            // After an append that failed, the journal may hold a record nobody replaced yet:
+            // the next capture must write, whatever else.
+            let skip = nothing
+                && !journal.append_failed
+                && if close {
+                    journal.last.is_none() || (journal.tail_clean && keep_from == u64::MAX)
+                } else {
+                    !journal.can_let_go(entries)
+                };
+            if skip {
+                self.captures_done.store(number, Ordering::SeqCst);
+                return Ok(());
+            }
+            let taken = std::mem::take(&mut journal.blocks);
+            let zeroed = std::mem::take(&mut journal.zeroed);
             let mut pins = Vec::new();
             let mut lost = Vec::new();
             for (&b, p) in &taken {
@@ -2785,19 +2835,8 @@ impl Shared {
                 tracing::error!(dir = %self.dir.display(), blocks = ?lost,
                     "journal bookkeeping names blocks that are not dirty in the cache");
             }
-            let nothing =
-                pins.is_empty() && zeroed.is_empty() && taken.values().all(|p| !p.settled);
-            let skip = if close {
-                journal.last.is_none() || (journal.tail_clean && keep_from == u64::MAX)
-            } else {
-                nothing && !journal.can_let_go(entries)
-            };
-            (number, taken, zeroed, pins, keep_from, skip)
+            (number, taken, zeroed, pins, keep_from)
         };
-        if skip {
-            self.captures_done.store(number, Ordering::SeqCst);
-            return Ok(());
-        }
         pins.sort_unstable_by_key(|p| p.block);
         let mut unpin = PinGuard {
             shared: Arc::clone(self),
@@ -2836,6 +2875,13 @@ impl Shared {
                     b.push(p);
                 }
             }
+            // Settled and zero ranges beyond what one record should describe go first, alone.
+            while first.len() > RECORD_ENTRIES {
+                let rest = first.split_off(RECORD_ENTRIES);
+                let head = std::mem::replace(&mut first, rest);
+                let n = journal.append(head, keep_from).await?;
+                self.appended(n, 0, Vec::new(), false, &mut keep_from);
+            }
             let mut first = Some(std::mem::take(&mut first));
             for batch in batches {
                 let shared = Arc::clone(self);
@@ -2863,24 +2909,11 @@ impl Shared {
                     data.into_iter()
                         .map(|(offset, data)| JournalEntry::Data { offset, data }),
                 );
+                // Empty, and needing nothing before it.
+                let clean = entries.is_empty() && keep_from == u64::MAX;
                 let n = journal.append(entries, keep_from).await?;
-                let mut st = self.lock();
-                let book = &mut st.journal;
-                book.tail_clean = bytes == 0 && keep_from == u64::MAX && batch.is_empty();
-                book.last = Some(n);
-                book.announced = keep_from.min(n);
-                if keep_from == u64::MAX {
-                    // Later records of this capture need this one.
-                    keep_from = n;
-                }
-                if !batch.is_empty() {
-                    book.live_bytes += bytes;
-                    book.live.push_back(LiveRecord {
-                        n,
-                        bytes,
-                        blocks: batch.iter().map(|p| (p.block, p.id, p.seq)).collect(),
-                    });
-                }
+                let blocks = batch.iter().map(|p| (p.block, p.id, p.seq)).collect();
+                self.appended(n, bytes, blocks, clean, &mut keep_from);
             }
             Ok(())
         }
@@ -2897,8 +2930,35 @@ impl Shared {
                     entries, journal, ..
                 } = &mut *st;
                 journal.put_back(entries, taken, zeroed);
+                journal.append_failed = true;
                 Err(e)
             }
+        }
+    }
+
+    /// Records a record appended by a capture: `blocks` (block, entry id, content version) are
+    /// those it holds data of, `bytes` its data; `clean` if it is empty and needs nothing before
+    /// it. Later records of the same capture keep it.
+    fn appended(
+        &self,
+        n: u64,
+        bytes: u64,
+        blocks: Vec<(u64, u64, u64)>,
+        clean: bool,
+        keep_from: &mut u64,
+    ) {
+        let mut st = self.lock();
+        let book = &mut st.journal;
+        book.append_failed = false;
+        book.tail_clean = clean;
+        book.last = Some(n);
+        book.announced = (*keep_from).min(n);
+        if *keep_from == u64::MAX {
+            *keep_from = n;
+        }
+        if !blocks.is_empty() {
+            book.live_bytes += bytes;
+            book.live.push_back(LiveRecord { n, bytes, blocks });
         }
     }
 
@@ -3594,6 +3654,18 @@ impl CacheLayer {
         st.journal.on = journal.is_some();
         st.journal.block_size = block_size;
         st.journal.size = size;
+        if st.journal.on {
+            // Dirty blocks replayed from the slots are in no record: the next FLUSH must write
+            // them (the journal applied at open holds older data, or none).
+            let State {
+                entries, journal, ..
+            } = &mut st;
+            for (&b, e) in entries.iter().filter(|(_, e)| e.dirty) {
+                for (lo, hi) in e.valid.runs(sectors_of(e.len), true) {
+                    journal.wrote(b, lo, hi);
+                }
+            }
+        }
         let (shutdown, _) = watch::channel(false);
         let shared = Arc::new(Shared {
             info: DeviceInfo {
@@ -3629,6 +3701,7 @@ impl CacheLayer {
             commit_lock: tokio::sync::Mutex::new(()),
             captures_started: AtomicU64::new(0),
             captures_done: AtomicU64::new(0),
+            retiring: std::sync::atomic::AtomicBool::new(false),
             #[cfg(test)]
             background_paused: std::sync::atomic::AtomicBool::new(false),
         });
@@ -3732,9 +3805,17 @@ async fn syncer(shared: Arc<Shared>) {
         // A failure is logged; the next round tries again.
         let _ = shared.sync_local(false).await;
         // Journal records whose blocks were all uploaded since are let go by the next record:
-        // write one if no FLUSH has for a while.
-        if shared.journal.is_some() && shared.journal_retirable() {
-            let _ = shared.commit().await;
+        // write one if no FLUSH has for a while. In its own task, one at a time, so that a
+        // slow store never holds up the index syncs.
+        if shared.journal.is_some()
+            && shared.journal_retirable()
+            && !shared.retiring.swap(true, Ordering::SeqCst)
+        {
+            let s = Arc::clone(&shared);
+            tokio::spawn(async move {
+                let _ = s.commit().await;
+                s.retiring.store(false, Ordering::SeqCst);
+            });
         }
     }
 }
@@ -3996,10 +4077,12 @@ impl BlockDevice for CacheLayer {
                 Err(e) => Err(e),
             },
         };
+        let mut last_record_failed = false;
         if result.is_ok() && s.journal.is_some() {
             // Everything is uploaded: a last record lets every other one go.
             let _one = s.commit_lock.lock().await;
             result = s.capture(true).await;
+            last_record_failed = result.is_err();
         }
         if result.is_ok() {
             let shared = Arc::clone(s);
@@ -4025,14 +4108,16 @@ impl BlockDevice for CacheLayer {
         }
         if let Err(e) = &result {
             let dirty_blocks = s.lock().dirty_order.len();
-            if dirty_blocks > 0 {
-                tracing::error!(dir = %s.dir.display(), dirty_blocks, error = %e,
-                    "cache closed with dirty blocks not uploaded; they are replayed at the next start");
-            } else {
+            if last_record_failed {
                 tracing::error!(dir = %s.dir.display(), error = %e,
                     "cache closed with every block uploaded, but without its last journal record: \
                      the next start applies the older records again, which can undo writes made \
                      after the last FLUSH");
+            } else if dirty_blocks > 0 {
+                tracing::error!(dir = %s.dir.display(), dirty_blocks, error = %e,
+                    "cache closed with dirty blocks not uploaded; they are replayed at the next start");
+            } else {
+                tracing::error!(dir = %s.dir.display(), error = %e, "cache closed with an error");
             }
         }
         let closed = s.inner.close().await;

@@ -383,7 +383,9 @@ pub enum JournalEntry {
 pub trait Journal: Send + Sync + fmt::Debug {
     /// Appends a record of `entries` durably and returns its number (numbers increase by one
     /// per record). Records numbered below `keep_from` are no longer needed once this one is
-    /// durable; `u64::MAX` keeps only this one. Appends must not run concurrently; a failed
-    /// append leaves nothing behind that a later one does not replace.
+    /// durable; `u64::MAX` keeps only this one. Appends must not run concurrently. A failed
+    /// append may still have stored its record (an answer lost on the way): the next append
+    /// takes the same number and replaces it, so after a failure the writer appends again
+    /// before it relies on what the journal holds.
     async fn append(&self, entries: Vec<JournalEntry>, keep_from: u64) -> Result<u64, BlockError>;
 }

@@ -925,8 +925,19 @@ impl Journal for VolumeJournal {
         let keep = keep_from.clamp(st.floor, n);
         let empty = entries.is_empty();
         let raw = journal::encode(&self.id, n, keep, &entries);
-        self.store.put(&self.key(n), raw, true).await?;
-        st.next = n + 1;
+        if let Err(e) = self.store.put(&self.key(n), raw, true).await {
+            // The record may have been stored all the same (a lost answer): it is the newest
+            // now, until the next append replaces it.
+            st.last_empty = false;
+            return Err(e.into());
+        }
+        st.next = n.checked_add(1).ok_or_else(|| {
+            BlockError::io(
+                "journal",
+                0,
+                io::Error::other(format!("record number {n} is the last there can be")),
+            )
+        })?;
         st.last_empty = empty && keep == n;
         let floor = std::mem::replace(&mut st.floor, keep);
         self.delete((floor..keep).collect());
@@ -1004,24 +1015,63 @@ impl ShardedVolume {
             overlay.apply(r);
         }
         let first = *needed.start();
+        let Some(after) = newest.checked_add(1) else {
+            return Err(bad(
+                newest,
+                "its number leaves no room for another".to_owned(),
+            ));
+        };
         tracing::warn!(volume = %self.name, records = records.len(), first, last = newest,
             "applying journal records left by a server that did not close the volume");
         // Every changed range (start, end, source), by chunk.
         type Pieces = Vec<(u64, u64, Source)>;
         let mut by_chunk: Vec<(u64, Pieces)> = Vec::new();
+        let cs = self.chunk_size;
+        let mut add = |chunk: u64, piece: (u64, u64, Source)| match by_chunk.last_mut() {
+            Some((c, pieces)) if *c == chunk => pieces.push(piece),
+            _ => by_chunk.push((chunk, vec![piece])),
+        };
         for (start, end, src) in overlay.iter() {
+            if src == Source::Zero {
+                // Zeroes change only chunks that exist: a TRIM of a whole large volume costs
+                // what is stored, not what it spans.
+                let present: Vec<u64> = self
+                    .present()
+                    .range(start / cs..end.div_ceil(cs))
+                    .copied()
+                    .collect();
+                for chunk in present {
+                    add(
+                        chunk,
+                        (
+                            start.max(chunk * cs),
+                            end.min((chunk + 1) * cs),
+                            Source::Zero,
+                        ),
+                    );
+                }
+                continue;
+            }
+            // Data ranges are bounded by the records' bytes.
             let mut at = start;
             while at < end {
-                let chunk = at / self.chunk_size;
-                let stop = end.min((chunk + 1) * self.chunk_size);
-                let piece = (at, stop, src.advanced_by(at - start));
-                match by_chunk.last_mut() {
-                    Some((c, pieces)) if *c == chunk => pieces.push(piece),
-                    _ => by_chunk.push((chunk, vec![piece])),
-                }
+                let chunk = at / cs;
+                let stop = end.min((chunk + 1) * cs);
+                add(chunk, (at, stop, src.advanced_by(at - start)));
                 at = stop;
             }
         }
+        // Zero pieces came in order among themselves, and so did data pieces; together they
+        // must be in chunk order for the grouping above.
+        by_chunk.sort_by_key(|(c, _)| *c);
+        let mut merged: Vec<(u64, Pieces)> = Vec::with_capacity(by_chunk.len());
+        for (c, pieces) in by_chunk {
+            match merged.last_mut() {
+                Some((m, all)) if *m == c => all.extend(pieces),
+                _ => merged.push((c, pieces)),
+            }
+        }
+        let by_chunk = merged;
         let kept = &kept;
         stream::iter(by_chunk)
             .map(|(chunk, pieces)| self.rewrite_chunk(chunk, pieces, kept))
@@ -1033,8 +1083,8 @@ impl ShardedVolume {
         {
             let mut st = journal.state.lock().await;
             st.upgraded = true;
-            st.next = newest + 1;
-            st.floor = newest + 1;
+            st.next = after;
+            st.floor = after;
         }
         journal
             .append(Vec::new(), u64::MAX)
@@ -1045,7 +1095,7 @@ impl ShardedVolume {
                     BlockError::Store(source) => source,
                     other => StoreError::io(
                         "put",
-                        &journal.key(newest + 1),
+                        &journal.key(after),
                         io::Error::other(other.to_string()),
                     ),
                 },
@@ -1069,8 +1119,16 @@ impl ShardedVolume {
             source,
         };
         let key = self.key(chunk);
-        let mut buf = self.load(chunk, &key).await.map_err(store_err)?;
         let base = chunk * self.chunk_size;
+        let len = self.chunk_len(chunk);
+        let covered: u64 = pieces.iter().map(|&(a, b, _)| b - a).sum();
+        if covered == len && pieces.iter().all(|p| p.2 == Source::Zero) {
+            return self
+                .zero_job(ZeroJob::Delete(chunk), true)
+                .await
+                .map_err(store_err);
+        }
+        let mut buf = self.load(chunk, &key).await.map_err(store_err)?;
         for (start, end, src) in pieces {
             // Within the chunk, so within usize.
             let (a, b) = ((start - base) as usize, (end - base) as usize);
@@ -1097,7 +1155,6 @@ impl ShardedVolume {
                 }
             }
         }
-        let len = self.chunk_len(chunk);
         let whole = Piece {
             chunk,
             start: 0,
@@ -2249,6 +2306,35 @@ mod tests {
         // Nothing was changed by the refused opens: the records still apply.
         let w = open(&store, opts("bad", None)).await;
         assert_eq!(read(&w, 0, 10).await, pattern(10, 2).to_vec());
+    }
+
+    #[tokio::test]
+    async fn a_zero_range_over_a_whole_large_volume_costs_what_is_stored() {
+        let test = TestStore::whole_objects();
+        let store: Arc<dyn ObjectStore> = test.clone();
+        let size = 1 << 40;
+        let v = open(&store, opts("big", Some(size))).await;
+        v.write(5 * CS + 7, pattern(100, 1), false).await.unwrap();
+        v.write(size - CS, pattern(CS, 2), false).await.unwrap();
+        let j = v.journal().unwrap();
+        j.append(
+            vec![JournalEntry::Zero {
+                offset: 0,
+                len: size,
+            }],
+            1,
+        )
+        .await
+        .unwrap();
+        drop(j);
+        drop(v);
+        test.changes.store(0, Ordering::SeqCst);
+        let w = open(&store, opts("big", None)).await;
+        // Two chunks deleted, the record that needs nothing written, two records deleted: not
+        // sixteen million chunks visited.
+        assert_eq!(test.changes.load(Ordering::SeqCst), 5);
+        assert_eq!(read(&w, 5 * CS, 200).await, vec![0; 200]);
+        assert_eq!(status(&w, 0, size), [(size, STATE_HOLE | STATE_ZERO)]);
     }
 
     #[tokio::test]

@@ -25,6 +25,10 @@ struct S3ish {
     /// Per mille of journal record puts and of chunk puts that fail.
     fail_rates: StdMutex<(u64, u64)>,
     rng: SplitMix64,
+    /// Journal record puts are stored, then reported failed (a lost answer).
+    ghost: std::sync::atomic::AtomicBool,
+    /// Puts of keys containing this text wait for a permit.
+    gate: StdMutex<Option<(String, Arc<tokio::sync::Semaphore>)>>,
 }
 
 impl S3ish {
@@ -35,6 +39,8 @@ impl S3ish {
             fail_key: StdMutex::new(None),
             fail_rates: StdMutex::new((0, 0)),
             rng: SplitMix64::new(1),
+            ghost: std::sync::atomic::AtomicBool::new(false),
+            gate: StdMutex::new(None),
         })
     }
 
@@ -95,8 +101,22 @@ impl ObjectStore for S3ish {
         if rate > 0 && self.rng.next_u64() % 1000 < rate {
             return Err(fail("random failure"));
         }
+        let gate = self
+            .gate
+            .lock()
+            .unwrap()
+            .as_ref()
+            .filter(|(k, _)| key.contains(k.as_str()))
+            .map(|(_, g)| Arc::clone(g));
+        if let Some(g) = gate {
+            g.acquire().await.unwrap().forget();
+        }
         self.puts.lock().unwrap().push(key.to_owned());
-        self.inner.put(key, data, sync).await
+        self.inner.put(key, data, sync).await?;
+        if key.ends_with(".journal") && self.ghost.load(Ordering::SeqCst) {
+            return Err(fail("answer lost (the object was stored)"));
+        }
+        Ok(())
     }
 
     fn supports_put_range(&self) -> bool {
@@ -295,6 +315,111 @@ fn a_zero_range_before_an_upload_does_not_undo_it() {
         let v = volume(&store, 16).await;
         assert_eq!(read(&*v, 2 * CS, CS as u32).await, pattern(2, CS as usize));
         assert_eq!(read(&*v, 5 * CS, 4096).await, pattern(1, 4096));
+    });
+}
+
+#[test]
+fn dirty_blocks_replayed_after_a_restart_are_in_the_next_record() {
+    let dir = tmp_dir("journal-replayed");
+    let store = S3ish::new();
+    let c = crashing(async {
+        let c = cached(&store, &dir, 16, 8).await;
+        c.pause_background();
+        c.write(3 * CS, pattern(1, CS as usize), false)
+            .await
+            .unwrap();
+        c.flush().await.unwrap();
+        c.write(3 * CS, pattern(2, CS as usize), false)
+            .await
+            .unwrap();
+        // The index records block 3 dirty, as it would within a second.
+        c.sync_index().await.unwrap();
+        c
+    });
+    // Killed; the cache's disk is kept and replays block 3, which a FLUSH then covers.
+    drop(c);
+    let c = crashing(async {
+        let c = CacheLayer::open(volume(&store, 16).await, jparams(8), &dir, "v")
+            .await
+            .unwrap();
+        c.pause_background();
+        assert_eq!(read(&c, 3 * CS, CS as u32).await, pattern(2, CS as usize));
+        store.take_puts();
+        c.flush().await.unwrap();
+        assert_eq!(store.take_puts(), ["v.3.journal"]);
+        c
+    });
+    // Killed again, and now the cache's disk is lost.
+    drop(c);
+    drop(dir);
+    crashing(async {
+        let v = volume(&store, 16).await;
+        assert_eq!(read(&*v, 3 * CS, CS as u32).await, pattern(2, CS as usize));
+    });
+}
+
+#[test]
+fn a_record_stored_by_an_append_that_failed_is_replaced_by_the_close() {
+    let dir = tmp_dir("journal-ghost");
+    let store = S3ish::new();
+    crashing(async {
+        let c = cached(&store, &dir, 16, 8).await;
+        c.pause_background();
+        c.write(0, pattern(1, CS as usize), false).await.unwrap();
+        // The record lands, but the answer is lost: the FLUSH fails.
+        store.ghost.store(true, Ordering::SeqCst);
+        assert!(c.flush().await.is_err());
+        store.ghost.store(false, Ordering::SeqCst);
+        // Never flushed by the client, but uploaded by the clean close.
+        c.write(0, pattern(2, CS as usize), false).await.unwrap();
+        c.close().await.unwrap();
+        assert_eq!(store.records().await, Vec::<String>::new());
+    });
+    crashing(async {
+        let v = volume(&store, 16).await;
+        assert_eq!(read(&*v, 0, CS as u32).await, pattern(2, CS as usize));
+    });
+}
+
+#[test]
+fn a_write_racing_a_trim_of_its_block_is_recorded_after_the_zero_range() {
+    let dir = tmp_dir("journal-race");
+    let store = S3ish::new();
+    let c = crashing(async {
+        // Block 2 exists below and is not cached.
+        let v = volume(&store, 16).await;
+        v.write(2 * CS, pattern(1, CS as usize), false)
+            .await
+            .unwrap();
+        let c = Arc::new(CacheLayer::open(v, jparams(8), &dir, "v").await.unwrap());
+        c.pause_background();
+        // Block 5 keeps record 1 needed, so later records mask it.
+        c.write(5 * CS, pattern(9, 4096), false).await.unwrap();
+        c.flush().await.unwrap();
+        // The TRIM of half of block 2 is passed down, and held there ...
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        *store.gate.lock().unwrap() = Some(("v.2.chunk".to_owned(), Arc::clone(&gate)));
+        let trim = {
+            let c = Arc::clone(&c);
+            tokio::spawn(async move { c.trim(2 * CS, CS / 2, false).await })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // ... while a write to the same range lands in the cache and a FLUSH records it.
+        c.write(2 * CS, pattern(2, 1024), false).await.unwrap();
+        c.flush().await.unwrap();
+        gate.add_permits(1);
+        trim.await.unwrap().unwrap();
+        *store.gate.lock().unwrap() = None;
+        c.flush().await.unwrap();
+        let served = read(&*c, 2 * CS, CS as u32).await;
+        (c, served)
+    });
+    let (c, served) = c;
+    drop(c);
+    drop(dir);
+    crashing(async {
+        let v = volume(&store, 16).await;
+        assert_eq!(read(&*v, 2 * CS, CS as u32).await, served);
     });
 }
 
