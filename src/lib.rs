@@ -16,6 +16,7 @@ pub mod cli;
 pub mod config;
 pub mod export;
 pub mod layout;
+mod le;
 pub mod nbd;
 pub mod pipeline;
 pub mod registry;

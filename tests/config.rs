@@ -185,7 +185,7 @@ flush = "local"
             "nbd-rs: error: {cfg}:2: key \"server.listen\": bad listen address \"nowhere\": expected HOST:PORT (like 0.0.0.0:10809) or unix:PATH"
         ),
         format!(
-            "nbd-rs: error: {cfg}:3: key \"server.colour\": unknown key (known: listen, default_export, max_connections, handshake_timeout, idle_timeout, tls)"
+            "nbd-rs: error: {cfg}:3: key \"server.colour\": unknown key (known: listen, default_export, max_connections, handshake_timeout, idle_timeout, sendfile, tls)"
         ),
         format!(
             "nbd-rs: error: {cfg}:24: export \"d\", stage \"sharded\", key \"chunks\": unknown key (known: chunk_size, name)"
@@ -308,6 +308,35 @@ fn environment_overrides_the_file_and_is_named_in_errors() {
         err.lines().next().unwrap(),
         "nbd-rs: error: environment variable NBD_RS_EXPORTS__SCRATCH__SIZE: export \"scratch\", key \"size\": bad size \"lots\": invalid digit found in string (expected a number with an optional unit, like 512, 64KiB, 20GiB or 1T)"
     );
+}
+
+#[test]
+fn a_bad_sendfile_policy_is_reported_with_its_line() {
+    let dir = Scratch::new("cfg-sendfile");
+    let cfg = write(
+        &dir,
+        "sendfile.toml",
+        "[server]\nsendfile = \"sometimes\"\n[exports.d]\npipeline = \"raw -> memory\"\nsize = \"1MiB\"\n",
+    );
+    let (code, _, err) = nbd_rs(&["check", "--config", &cfg], &[]);
+    assert_eq!(code, 1);
+    assert_eq!(
+        err.lines().next().unwrap(),
+        format!(
+            "nbd-rs: error: {cfg}:2: key \"server.sendfile\": expected \"auto\" (remote clients), \"always\" or \"never\", found \"sometimes\""
+        )
+    );
+    for good in ["auto", "always", "never"] {
+        let cfg = write(
+            &dir,
+            "sendfile.toml",
+            &format!(
+                "[server]\nsendfile = \"{good}\"\n[exports.d]\npipeline = \"raw -> memory\"\nsize = \"1MiB\"\n"
+            ),
+        );
+        let (code, _, err) = nbd_rs(&["check", "--config", &cfg], &[]);
+        assert_eq!(code, 0, "{good}: {err}");
+    }
 }
 
 #[test]

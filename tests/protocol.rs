@@ -130,7 +130,13 @@ impl Server {
 
     /// The standard exports plus `extra` (NAME, DRIVER, CONN triples).
     fn with_exports(extra: &[[&str; 3]]) -> Server {
+        Self::with_exports_env(extra, &[])
+    }
+
+    /// [`Server::with_exports`] with extra environment variables.
+    fn with_exports_env(extra: &[[&str; 3]], env: &[(&str, &str)]) -> Server {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_nbd-rs"));
+        cmd.envs(env.iter().copied());
         cmd.args(["--listen", "127.0.0.1:0"])
             .args(["-e", "disk", "raw", "memory:64MiB"])
             .args(["-e", "ro", "raw", "memory:1MiB?read_only=true"]);
@@ -2603,7 +2609,11 @@ fn large_file_reads_are_framed_alike_in_every_reply_mode() {
     ));
     let _ = std::fs::remove_file(&img);
     let conn = format!("file:{}?size=8MiB", img.display());
-    let srv = Server::with_exports(&[["file", "raw", &conn]]);
+    // sendfile for this client on loopback, too.
+    let srv = Server::with_exports_env(
+        &[["file", "raw", &conn]],
+        &[("NBD_RS_SERVER__SENDFILE", "always")],
+    );
     for (i, mode) in [Mode::Simple, Mode::Structured, Mode::Extended]
         .into_iter()
         .enumerate()

@@ -172,6 +172,7 @@ use crate::block::{
     STATE_HOLE, STATE_ZERO, ZeroFlags,
 };
 use crate::config::size::parse_size;
+use crate::le::{u32_at, u64_at};
 
 /// The cache block size when none is configured: 4 MiB, the sharded layout's chunk size.
 pub const DEFAULT_BLOCK_SIZE: u64 = 4 << 20;
@@ -528,18 +529,6 @@ fn fnv64(parts: &[&[u8]]) -> u64 {
     h
 }
 
-fn le_u32(b: &[u8], at: usize) -> u32 {
-    let mut a = [0u8; 4];
-    a.copy_from_slice(&b[at..at + 4]);
-    u32::from_le_bytes(a)
-}
-
-fn le_u64(b: &[u8], at: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[at..at + 8]);
-    u64::from_le_bytes(a)
-}
-
 /// Bytes of a sector bitmap for blocks of `block_size`.
 fn bitmap_len(block_size: u64) -> usize {
     // At most 32 MiB / 512 / 8 = 8 KiB.
@@ -594,16 +583,16 @@ fn decode_header(b: &[u8]) -> Result<Header, String> {
     if &b[0..8] != INDEX_MAGIC {
         return Err("not a cache index".to_owned());
     }
-    if fnv64(&[&b[..HEADER_SUM_AT]]) != le_u64(b, HEADER_SUM_AT) {
+    if fnv64(&[&b[..HEADER_SUM_AT]]) != u64_at(b, HEADER_SUM_AT) {
         return Err("its header fails its checksum".to_owned());
     }
-    let format = le_u32(b, 8);
+    let format = u32_at(b, 8);
     if format != INDEX_FORMAT {
         return Err(format!(
             "format {format}, but this version reads only format 1"
         ));
     }
-    let key_len = le_u32(b, 32) as usize;
+    let key_len = u32_at(b, 32) as usize;
     if key_len > MAX_KEY_LEN {
         return Err(format!("a volume key of {key_len} bytes"));
     }
@@ -611,10 +600,10 @@ fn decode_header(b: &[u8]) -> Result<Header, String> {
         .map_err(|_| "a volume key that is not UTF-8".to_owned())?
         .to_owned();
     Ok(Header {
-        state: le_u32(b, 12),
-        block_size: le_u64(b, 16),
-        slots: le_u32(b, 24),
-        record_len: le_u32(b, 28),
+        state: u32_at(b, 12),
+        block_size: u64_at(b, 16),
+        slots: u32_at(b, 24),
+        record_len: u32_at(b, 28),
         key,
     })
 }
@@ -648,7 +637,7 @@ fn encode_record(slot: u32, r: &RawRecord, len: usize) -> Vec<u8> {
 fn decode_record(slot: u32, b: &[u8], bitmap_bytes: usize) -> Option<RawRecord> {
     let len = b.len();
     if len < RECORD_FIXED + bitmap_bytes + 8
-        || fnv64(&[&slot.to_le_bytes(), &b[..len - 8]]) != le_u64(b, len - 8)
+        || fnv64(&[&slot.to_le_bytes(), &b[..len - 8]]) != u64_at(b, len - 8)
     {
         return None;
     }
@@ -657,8 +646,8 @@ fn decode_record(slot: u32, b: &[u8], bitmap_bytes: usize) -> Option<RawRecord> 
         return None;
     }
     Some(RawRecord {
-        block: le_u64(b, 0),
-        generation: le_u64(b, 8),
+        block: u64_at(b, 0),
+        generation: u64_at(b, 8),
         kind,
         bitmap: (b[17] == 0).then(|| b[RECORD_FIXED..RECORD_FIXED + bitmap_bytes].to_vec()),
     })

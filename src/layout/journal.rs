@@ -29,6 +29,7 @@ use std::collections::BTreeMap;
 use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::block::JournalEntry;
+use crate::le::{u32_at, u64_at};
 
 /// The magic at the start of every record.
 const MAGIC: &[u8; 8] = b"NBDRSJR1";
@@ -125,18 +126,6 @@ pub struct Record {
     pub entries: Vec<(u64, u64, Change)>,
 }
 
-fn le_u32(b: &[u8], at: usize) -> u32 {
-    let mut a = [0u8; 4];
-    a.copy_from_slice(&b[at..at + 4]);
-    u32::from_le_bytes(a)
-}
-
-fn le_u64(b: &[u8], at: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[at..at + 8]);
-    u64::from_le_bytes(a)
-}
-
 /// Decodes and checks a record of a volume of `size` bytes. The error says what is wrong.
 pub fn decode(raw: &[u8], size: u64) -> Result<Record, String> {
     if raw.len() < HEADER_LEN + SUM_LEN {
@@ -146,7 +135,7 @@ pub fn decode(raw: &[u8], size: u64) -> Result<Record, String> {
         return Err("not a journal record (bad magic)".to_owned());
     }
     let body = raw.len() - SUM_LEN;
-    let sum = le_u32(raw, body);
+    let sum = u32_at(raw, body);
     if crc32fast::hash(&raw[..body]) != sum {
         return Err("checksum mismatch (the record is damaged)".to_owned());
     }
@@ -154,9 +143,9 @@ pub fn decode(raw: &[u8], size: u64) -> Result<Record, String> {
         .map_err(|_| "volume id is not ASCII".to_owned())?
         .trim_end()
         .to_owned();
-    let count = le_u32(raw, 44) as usize;
-    let n = le_u64(raw, 48);
-    let keep_from = le_u64(raw, 56);
+    let count = u32_at(raw, 44) as usize;
+    let n = u64_at(raw, 48);
+    let keep_from = u64_at(raw, 56);
     if keep_from > n {
         return Err(format!("keep_from {keep_from} is past its own number {n}"));
     }
@@ -169,9 +158,9 @@ pub fn decode(raw: &[u8], size: u64) -> Result<Record, String> {
     let mut entries = Vec::with_capacity(count);
     for i in 0..count {
         let at = HEADER_LEN + i * ENTRY_LEN;
-        let kind = le_u32(raw, at);
-        let offset = le_u64(raw, at + 8);
-        let len = le_u64(raw, at + 16);
+        let kind = u32_at(raw, at);
+        let offset = u64_at(raw, at + 8);
+        let len = u64_at(raw, at + 16);
         if offset.checked_add(len).is_none_or(|end| end > size) || len == 0 {
             return Err(format!(
                 "entry {i} (offset {offset}, length {len}) is empty or past the volume's {size} bytes"

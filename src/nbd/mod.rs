@@ -18,7 +18,7 @@ use tracing::{debug, info, warn};
 use crate::config::model::Limits;
 use crate::export::{ClientId, ExportTable};
 use handshake::{HandshakeError, Outcome, Session, Tls};
-use transmission::End;
+use transmission::{End, Settings};
 
 /// How long a connection told to stop (server shutdown, or its export reloaded or removed)
 /// has to finish the requests it has sent before it is cut: a client that stalls in the middle
@@ -123,7 +123,12 @@ pub async fn serve_connection<S: Connection>(
             match outcome {
                 Ok((Outcome::Transmission(session), tls)) => {
                     debug!(peer, names = ?client.names, "TLS established");
-                    transmit(tls, buf, session, peer, started, limits, shutdown).await;
+                    // TLS streams cannot sendfile: their bytes are encrypted in user space.
+                    let settings = Settings {
+                        idle: limits.idle_timeout,
+                        zero_copy: false,
+                    };
+                    transmit(tls, buf, session, peer, started, settings, shutdown).await;
                 }
                 Ok((Outcome::StartTls(_), _)) => {
                     warn!(peer, "handshake failed: STARTTLS over TLS");
@@ -137,7 +142,11 @@ pub async fn serve_connection<S: Connection>(
             }
         }
         Ok((Outcome::Transmission(session), _)) => {
-            transmit(io, buf, session, peer, started, limits, shutdown).await;
+            let settings = Settings {
+                idle: limits.idle_timeout,
+                zero_copy: limits.sendfile.allows(addr),
+            };
+            transmit(io, buf, session, peer, started, settings, shutdown).await;
         }
         Ok((Outcome::Aborted, _)) => {
             debug!(peer, "client ended the handshake with NBD_OPT_ABORT");
@@ -183,7 +192,7 @@ async fn transmit<S: Connection>(
     session: Session,
     peer: &str,
     started: Instant,
-    limits: Limits,
+    settings: Settings,
     shutdown: CancellationToken,
 ) {
     let (rd, wr) = io.halves();
@@ -221,8 +230,7 @@ async fn transmit<S: Connection>(
         }
     });
     let _done = done.drop_guard();
-    let (result, stats) =
-        transmission::serve(rd, wr, buf, session, stop, cut, limits.idle_timeout).await;
+    let (result, stats) = transmission::serve(rd, wr, buf, session, stop, cut, settings).await;
     let secs = started.elapsed().as_secs_f64();
     match result {
         Ok(end) => {
