@@ -250,12 +250,13 @@ async fn transmit<S: Connection>(
                 requests = stats.requests,
                 errors = stats.errors,
                 sendfile_bytes = stats.sendfile_bytes,
+                buffer_releases = stats.buffer_releases,
                 secs,
                 "{how}"
             );
         }
         Err(e) => {
-            warn!(peer, export, requests = stats.requests, errors = stats.errors, sendfile_bytes = stats.sendfile_bytes, secs, error = %e, "connection ended");
+            warn!(peer, export, requests = stats.requests, errors = stats.errors, sendfile_bytes = stats.sendfile_bytes, buffer_releases = stats.buffer_releases, secs, error = %e, "connection ended");
         }
     }
 }

@@ -138,6 +138,8 @@ pub struct Stats {
     pub errors: u64,
     /// Read payload bytes sent straight from the page cache (`sendfile`), not copied.
     pub sendfile_bytes: u64,
+    /// Times the connection, idle, gave its read-ahead buffer back.
+    pub buffer_releases: u64,
 }
 
 struct Outgoing {
@@ -314,6 +316,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
                             *buf = BytesMut::with_capacity(IDLE_BUF);
                             release = false;
                             holds_chunk = false;
+                            stats.buffer_releases += 1;
                         }
                         _ = sleep_or_never(tick) => {
                             let now = tokio::time::Instant::now();
