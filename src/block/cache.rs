@@ -3477,6 +3477,28 @@ impl CacheLayer {
         dir: &Path,
         volume_key: &str,
     ) -> Result<CacheLayer, CacheError> {
+        Self::open_with(inner, params, dir, volume_key, false).await
+    }
+
+    /// Tests: opens with background uploads paused from the start, so that blocks replayed
+    /// from an earlier run stay dirty until the test lets them go.
+    #[cfg(test)]
+    async fn open_paused(
+        inner: Arc<dyn BlockDevice>,
+        params: CacheParams,
+        dir: &Path,
+        volume_key: &str,
+    ) -> Result<CacheLayer, CacheError> {
+        Self::open_with(inner, params, dir, volume_key, true).await
+    }
+
+    async fn open_with(
+        inner: Arc<dyn BlockDevice>,
+        params: CacheParams,
+        dir: &Path,
+        volume_key: &str,
+        #[cfg_attr(not(test), allow(unused_variables))] paused: bool,
+    ) -> Result<CacheLayer, CacheError> {
         params.validate()?;
         let bs = inner.info().block_sizes;
         if params.block_size > u64::from(bs.maximum) || params.block_size < u64::from(bs.minimum) {
@@ -3692,7 +3714,7 @@ impl CacheLayer {
             captures_done: AtomicU64::new(0),
             retiring: std::sync::atomic::AtomicBool::new(false),
             #[cfg(test)]
-            background_paused: std::sync::atomic::AtomicBool::new(false),
+            background_paused: std::sync::atomic::AtomicBool::new(paused),
         });
         let tasks = vec![
             tokio::spawn(uploader(Arc::clone(&shared))),

@@ -339,10 +339,10 @@ fn dirty_blocks_replayed_after_a_restart_are_in_the_next_record() {
     // Killed; the cache's disk is kept and replays block 3, which a FLUSH then covers.
     drop(c);
     let c = crashing(async {
-        let c = CacheLayer::open(volume(&store, 16).await, jparams(8), &dir, "v")
+        // Paused from the start: an upload of the replayed block would race the FLUSH.
+        let c = CacheLayer::open_paused(volume(&store, 16).await, jparams(8), &dir, "v")
             .await
             .unwrap();
-        c.pause_background();
         assert_eq!(read(&c, 3 * CS, CS as u32).await, pattern(2, CS as usize));
         store.take_puts();
         c.flush().await.unwrap();
