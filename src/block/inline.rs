@@ -1,17 +1,19 @@
-//! When a small write may run on the async worker instead of the blocking pool.
+//! When a write may run on the async worker instead of the blocking pool.
 //!
-//! A buffered `pwrite` of a few KiB into the page cache takes microseconds; handing it to a
-//! thread of the blocking pool and back costs several times that (server CPU per 4 KiB random
-//! write to an image file fell from 51 to 14 us). So writes up to [`INLINE_WRITE_MAX`] run where
-//! they are, unless one recently took longer than [`SLOW_WRITE`]: the kernel is then throttling
-//! dirty pages, a worker must not wait for it, and for [`INLINE_PAUSE`] every write goes through
-//! the pool.
+//! A buffered `pwrite` into the page cache is a copy: microseconds for a few KiB, a few hundred
+//! for 1 MiB. Handing it to a thread of the blocking pool and back costs two thread switches on
+//! top (server CPU per 4 KiB random write to an image file fell from 51 to 14 us when those ran
+//! inline; per 1 MiB sequential write from 328 to 255 us, and fio's throughput rose by a sixth,
+//! when writes up to 1 MiB did too: `bench/cpuop.sh` and `bench/abtput.sh`). So writes up to
+//! [`INLINE_WRITE_MAX`] run where they are, unless one recently took longer than
+//! [`SLOW_WRITE`]: the kernel is then throttling dirty pages, a worker must not wait for it,
+//! and for [`INLINE_PAUSE`] every write goes through the pool.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 /// The largest write run inline.
-pub const INLINE_WRITE_MAX: usize = 64 * 1024;
+pub const INLINE_WRITE_MAX: usize = 1024 * 1024;
 /// An inline write slower than this means the kernel is pushing back.
 const SLOW_WRITE: Duration = Duration::from_millis(2);
 /// How long writes then go through the pool.
