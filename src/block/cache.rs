@@ -1772,6 +1772,13 @@ struct Shared {
     sync_kick: Notify,
     /// One index sync at a time.
     sync_lock: Mutex<()>,
+    /// Index syncs begun, and the number of the last one that succeeded: a forced sync is
+    /// done by any sync that began after it was asked for (group commit).
+    syncs_started: AtomicU64,
+    synced: AtomicU64,
+    /// Tests: index syncs that asked for `sync_lock`.
+    #[cfg(test)]
+    sync_waiters: AtomicUsize,
     shutdown: watch::Sender<bool>,
     /// The uploader and the index syncer, awaited by `close`.
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
@@ -3022,7 +3029,8 @@ impl Shared {
     /// Runs the index sync on the blocking pool.
     async fn sync_local(self: &Arc<Self>, force: bool) -> Result<(), BlockError> {
         let shared = Arc::clone(self);
-        blocking(move || shared.local_sync(force))
+        let arrived = self.syncs_started.load(Ordering::SeqCst);
+        blocking(move || shared.local_sync(force, arrived))
             .await
             .map_err(|e| {
                 tracing::error!(dir = %self.dir.display(), error = %e, "cannot sync the cache index");
@@ -3032,14 +3040,22 @@ impl Shared {
 
     /// The index sync (see the module documentation): snapshot what the index should say,
     /// `fdatasync` the data, write the records that differ, `fdatasync` the index. Slots
-    /// whose dirty records are now durably gone become free.
-    fn local_sync(&self, force: bool) -> io::Result<()> {
+    /// whose dirty records are now durably gone become free. A forced sync asked for when
+    /// `arrived` syncs had begun is done as soon as a later one succeeded: FLUSHes that queue
+    /// behind a sync share the next one.
+    fn local_sync(&self, force: bool, arrived: u64) -> io::Result<()> {
+        #[cfg(test)]
+        self.sync_waiters.fetch_add(1, Ordering::SeqCst);
         let _one = self.sync_lock.lock().unwrap_or_else(|e| e.into_inner());
-        let (writes, generation) = {
+        if force && self.synced.load(Ordering::SeqCst) > arrived {
+            return Ok(());
+        }
+        let (writes, generation, number) = {
             let mut st = self.lock();
             if st.released || (!st.sync_wanted && !force) {
                 return Ok(());
             }
+            let number = self.syncs_started.fetch_add(1, Ordering::SeqCst) + 1;
             st.sync_wanted = false;
             st.generation += 1;
             let generation = st.generation;
@@ -3081,7 +3097,7 @@ impl Shared {
                     writes.push((slot, None));
                 }
             }
-            (writes, generation)
+            (writes, generation, number)
         };
         let result = (|| {
             self.data.sync_data()?;
@@ -3103,6 +3119,7 @@ impl Shared {
         let mut st = self.lock();
         match &result {
             Ok(()) => {
+                self.synced.store(number, Ordering::SeqCst);
                 for (slot, raw) in &writes {
                     if raw.is_none() {
                         st.disk.remove(slot);
@@ -3703,6 +3720,10 @@ impl CacheLayer {
             kick: Notify::new(),
             sync_kick: Notify::new(),
             sync_lock: Mutex::new(()),
+            syncs_started: AtomicU64::new(0),
+            synced: AtomicU64::new(0),
+            #[cfg(test)]
+            sync_waiters: AtomicUsize::new(0),
             shutdown,
             tasks: Mutex::new(Vec::new()),
             waiting_writers: AtomicUsize::new(0),
@@ -5292,6 +5313,62 @@ mod tests {
         let out = rt.block_on(f);
         drop(rt);
         out
+    }
+
+    #[test]
+    fn flushes_that_queue_behind_an_index_sync_share_the_next_one() {
+        let dir = tmp_dir("sync-group");
+        let probe = Probe::new(16 * BS);
+        let rt = runtime();
+        let c = rt.block_on(async {
+            let c = open(
+                &probe,
+                CacheParams {
+                    flush: FlushTo::Local,
+                    ..params(8, CacheMode::WriteBack)
+                },
+                &dir,
+            )
+            .await;
+            c.write(BS, pattern(1, 4096), false).await.unwrap();
+            c.flush().await.unwrap();
+            // The next write stays dirty.
+            probe.fail_writes.store(true, Ordering::SeqCst);
+            c.write(2 * BS, pattern(2, 4096), false).await.unwrap();
+            Arc::new(c)
+        });
+        let started = c.shared.syncs_started.load(Ordering::SeqCst);
+        let flushes = {
+            // As if a sync were running: the FLUSHes wait for it.
+            let _running = c.shared.sync_lock.lock().unwrap();
+            let waiting = c.shared.sync_waiters.load(Ordering::SeqCst);
+            let flushes: Vec<_> = (0..8)
+                .map(|_| {
+                    let c = Arc::clone(&c);
+                    rt.spawn(async move { c.flush().await })
+                })
+                .collect();
+            let mut tries = 0;
+            while c.shared.sync_waiters.load(Ordering::SeqCst) < waiting + 8 {
+                tries += 1;
+                assert!(tries < 500, "the FLUSHes never asked for an index sync");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            flushes
+        };
+        rt.block_on(async {
+            for f in flushes {
+                f.await.unwrap().unwrap();
+            }
+            // One sync, begun after they all asked, did for all eight.
+            assert_eq!(c.shared.syncs_started.load(Ordering::SeqCst), started + 1);
+            // And it named the dirty block in the index: a restart replays it.
+            let c = Arc::into_inner(c).unwrap();
+            let named = c.shared.lock().disk.values().any(|r| r.block == 2);
+            assert!(named);
+            probe.fail_writes.store(false, Ordering::SeqCst);
+            c.close().await.unwrap();
+        });
     }
 
     #[test]
