@@ -167,6 +167,7 @@ use serde::{Deserialize, Deserializer};
 use tokio::sync::{Notify, Semaphore, watch};
 
 use crate::block::inline::InlineWrites;
+use crate::block::sync_group::SyncGroup;
 use crate::block::{
     BlockDevice, BlockError, DeviceInfo, Extent, Journal, JournalEntry, MAX_PAYLOAD, ReadData,
     STATE_HOLE, STATE_ZERO, ZeroFlags,
@@ -1770,15 +1771,8 @@ struct Shared {
     kick: Notify,
     /// Wakes the index syncer.
     sync_kick: Notify,
-    /// One index sync at a time.
-    sync_lock: Mutex<()>,
-    /// Index syncs begun, and the number of the last one that succeeded: a forced sync is
-    /// done by any sync that began after it was asked for (group commit).
-    syncs_started: AtomicU64,
-    synced: AtomicU64,
-    /// Tests: index syncs that asked for `sync_lock`.
-    #[cfg(test)]
-    sync_waiters: AtomicUsize,
+    /// One index sync at a time; FLUSHes that queue share the next one.
+    syncs: SyncGroup,
     shutdown: watch::Sender<bool>,
     /// The uploader and the index syncer, awaited by `close`.
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
@@ -3029,8 +3023,9 @@ impl Shared {
     /// Runs the index sync on the blocking pool.
     async fn sync_local(self: &Arc<Self>, force: bool) -> Result<(), BlockError> {
         let shared = Arc::clone(self);
-        let arrived = self.syncs_started.load(Ordering::SeqCst);
-        blocking(move || shared.local_sync(force, arrived))
+        // A forced sync (FLUSH, FUA) is done by any that begins after it is asked for.
+        let ticket = if force { self.syncs.ticket() } else { u64::MAX };
+        blocking(move || shared.syncs.sync(ticket, || shared.local_sync(force)))
             .await
             .map_err(|e| {
                 tracing::error!(dir = %self.dir.display(), error = %e, "cannot sync the cache index");
@@ -3040,22 +3035,14 @@ impl Shared {
 
     /// The index sync (see the module documentation): snapshot what the index should say,
     /// `fdatasync` the data, write the records that differ, `fdatasync` the index. Slots
-    /// whose dirty records are now durably gone become free. A forced sync asked for when
-    /// `arrived` syncs had begun is done as soon as a later one succeeded: FLUSHes that queue
-    /// behind a sync share the next one.
-    fn local_sync(&self, force: bool, arrived: u64) -> io::Result<()> {
-        #[cfg(test)]
-        self.sync_waiters.fetch_add(1, Ordering::SeqCst);
-        let _one = self.sync_lock.lock().unwrap_or_else(|e| e.into_inner());
-        if force && self.synced.load(Ordering::SeqCst) > arrived {
-            return Ok(());
-        }
-        let (writes, generation, number) = {
+    /// whose dirty records are now durably gone become free. Runs under `syncs`; returns
+    /// whether it synced.
+    fn local_sync(&self, force: bool) -> io::Result<bool> {
+        let (writes, generation) = {
             let mut st = self.lock();
             if st.released || (!st.sync_wanted && !force) {
-                return Ok(());
+                return Ok(false);
             }
-            let number = self.syncs_started.fetch_add(1, Ordering::SeqCst) + 1;
             st.sync_wanted = false;
             st.generation += 1;
             let generation = st.generation;
@@ -3097,7 +3084,7 @@ impl Shared {
                     writes.push((slot, None));
                 }
             }
-            (writes, generation, number)
+            (writes, generation)
         };
         let result = (|| {
             self.data.sync_data()?;
@@ -3119,7 +3106,6 @@ impl Shared {
         let mut st = self.lock();
         match &result {
             Ok(()) => {
-                self.synced.store(number, Ordering::SeqCst);
                 for (slot, raw) in &writes {
                     if raw.is_none() {
                         st.disk.remove(slot);
@@ -3148,13 +3134,23 @@ impl Shared {
         }
         drop(st);
         self.changed.notify_waiters();
-        result
+        result.map(|()| true)
     }
 
     /// At a clean close, after everything was uploaded and synced: records every cached block
     /// as clean and marks the index closed cleanly, so the next open keeps them.
     fn write_clean_index(&self) -> io::Result<bool> {
-        let _one = self.sync_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let mut clean = false;
+        // Alone, and covering no FLUSH: nothing is dirty by now.
+        self.syncs.sync(u64::MAX, || {
+            clean = self.write_clean_records()?;
+            Ok(false)
+        })?;
+        Ok(clean)
+    }
+
+    /// `write_clean_index`, under `syncs`.
+    fn write_clean_records(&self) -> io::Result<bool> {
         let (clean, generation) = {
             let mut st = self.lock();
             if !st.disk.is_empty() || !st.dirty_order.is_empty() {
@@ -3719,11 +3715,7 @@ impl CacheLayer {
             changed: Notify::new(),
             kick: Notify::new(),
             sync_kick: Notify::new(),
-            sync_lock: Mutex::new(()),
-            syncs_started: AtomicU64::new(0),
-            synced: AtomicU64::new(0),
-            #[cfg(test)]
-            sync_waiters: AtomicUsize::new(0),
+            syncs: SyncGroup::default(),
             shutdown,
             tasks: Mutex::new(Vec::new()),
             waiting_writers: AtomicUsize::new(0),
@@ -5337,23 +5329,18 @@ mod tests {
             c.write(2 * BS, pattern(2, 4096), false).await.unwrap();
             Arc::new(c)
         });
-        let started = c.shared.syncs_started.load(Ordering::SeqCst);
+        let started = c.shared.syncs.started();
         let flushes = {
             // As if a sync were running: the FLUSHes wait for it.
-            let _running = c.shared.sync_lock.lock().unwrap();
-            let waiting = c.shared.sync_waiters.load(Ordering::SeqCst);
+            let _running = c.shared.syncs.hold();
+            let waiting = c.shared.syncs.waiters();
             let flushes: Vec<_> = (0..8)
                 .map(|_| {
                     let c = Arc::clone(&c);
                     rt.spawn(async move { c.flush().await })
                 })
                 .collect();
-            let mut tries = 0;
-            while c.shared.sync_waiters.load(Ordering::SeqCst) < waiting + 8 {
-                tries += 1;
-                assert!(tries < 500, "the FLUSHes never asked for an index sync");
-                std::thread::sleep(Duration::from_millis(10));
-            }
+            c.shared.syncs.until_waiting(waiting + 8);
             flushes
         };
         rt.block_on(async {
@@ -5361,7 +5348,7 @@ mod tests {
                 f.await.unwrap().unwrap();
             }
             // One sync, begun after they all asked, did for all eight.
-            assert_eq!(c.shared.syncs_started.load(Ordering::SeqCst), started + 1);
+            assert_eq!(c.shared.syncs.started(), started + 1);
             // And it named the dirty block in the index: a restart replays it.
             let c = Arc::into_inner(c).unwrap();
             let named = c.shared.lock().disk.values().any(|r| r.block == 2);

@@ -14,6 +14,7 @@ pub mod cache;
 pub mod fault;
 pub mod inline;
 pub mod retry;
+pub mod sync_group;
 
 use std::fmt;
 use std::fs::File;

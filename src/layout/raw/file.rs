@@ -24,6 +24,7 @@ use tracing::info;
 
 use crate::block::buffers::Buffer;
 use crate::block::inline::InlineWrites;
+use crate::block::sync_group::SyncGroup;
 use crate::block::{
     BlockDevice, BlockError, BlockSizes, DeviceInfo, Extent, FileRange, ReadData, STATE_HOLE,
     STATE_ZERO, ZeroFlags,
@@ -77,6 +78,8 @@ pub struct FileImage {
     nowait: AtomicBool,
     /// Whether small writes run on the async worker.
     inline: InlineWrites,
+    /// `fdatasync`s, shared by FLUSHes and FUA requests that queue behind one.
+    syncs: Arc<SyncGroup>,
     /// Large reads are offered for `sendfile` when `cachestat(2)` says they are in the page
     /// cache (cleared, and logged once, if `cachestat` fails for this image).
     cachestat: AtomicBool,
@@ -157,6 +160,7 @@ impl FileImage {
             file: Arc::new(file),
             nowait: AtomicBool::new(true),
             inline: InlineWrites::default(),
+            syncs: Arc::default(),
             cachestat: AtomicBool::new(true),
         })
     }
@@ -273,6 +277,11 @@ impl FileImage {
             )),
         }
     }
+}
+
+/// `fdatasync` after a change that just finished, shared with others that queue behind one.
+fn sync_data(syncs: &SyncGroup, f: &File) -> io::Result<()> {
+    syncs.sync(syncs.ticket(), || f.sync_data().map(|()| true))
 }
 
 /// Reads larger than this skip the `RWF_NOWAIT` attempt.
@@ -482,10 +491,11 @@ impl BlockDevice for FileImage {
                 .run(|| self.file.write_all_at(&data, offset))
                 .map_err(|e| BlockError::io("write", offset, e));
         }
+        let syncs = Arc::clone(&self.syncs);
         self.blocking("write", offset, move |f| {
             f.write_all_at(&data, offset)?;
             if fua {
-                f.sync_data()?;
+                sync_data(&syncs, f)?;
             }
             Ok(())
         })
@@ -496,13 +506,19 @@ impl BlockDevice for FileImage {
         if self.info.read_only {
             return Ok(());
         }
-        self.blocking("flush", 0, |f| f.sync_data()).await
+        let ticket = self.syncs.ticket();
+        let syncs = Arc::clone(&self.syncs);
+        self.blocking("flush", 0, move |f| {
+            syncs.sync(ticket, || f.sync_data().map(|()| true))
+        })
+        .await
     }
 
     async fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<(), BlockError> {
         if self.info.read_only {
             return Err(BlockError::ReadOnly);
         }
+        let syncs = Arc::clone(&self.syncs);
         self.blocking("trim", offset, move |f| {
             let flags = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
             match rustix::fs::fallocate(f, flags, offset, len) {
@@ -512,7 +528,7 @@ impl BlockDevice for FileImage {
                 Err(e) => return Err(errno_to_io(e)),
             }
             if fua {
-                f.sync_data()?;
+                sync_data(&syncs, f)?;
             }
             Ok(())
         })
@@ -528,6 +544,7 @@ impl BlockDevice for FileImage {
         if self.info.read_only {
             return Err(BlockError::ReadOnly);
         }
+        let syncs = Arc::clone(&self.syncs);
         let result = self
             .blocking("write_zeroes", offset, move |f| {
                 let mode = if flags.no_hole {
@@ -546,7 +563,7 @@ impl BlockDevice for FileImage {
                     Err(e) => return Err(errno_to_io(e)),
                 }
                 if flags.fua {
-                    f.sync_data()?;
+                    sync_data(&syncs, f)?;
                 }
                 Ok(true)
             })
@@ -607,6 +624,40 @@ mod tests {
         assert!(back[8192..12288].iter().all(|&b| b == 9));
         img.inline.resume();
         assert!(img.inline.allowed(4096));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn flushes_and_fua_writes_that_queue_behind_a_sync_share_the_next_one() {
+        let p = tmp("sync-group");
+        let img = Arc::new(FileImage::open(&p, Some(1 << 20), false).unwrap());
+        img.write(0, Bytes::from(vec![3u8; 4096]), false)
+            .await
+            .unwrap();
+        let started = img.syncs.started();
+        let held = img.syncs.hold();
+        let waiting = img.syncs.waiters();
+        let mut queued = Vec::new();
+        for i in 0..6u64 {
+            let img = Arc::clone(&img);
+            queued.push(tokio::spawn(async move {
+                if i % 2 == 0 {
+                    img.flush().await
+                } else {
+                    img.write(i * 4096, Bytes::from(vec![i as u8; 4096]), true)
+                        .await
+                }
+            }));
+        }
+        img.syncs.until_waiting(waiting + 6);
+        drop(held);
+        for q in queued {
+            q.await.unwrap().unwrap();
+        }
+        assert_eq!(img.syncs.started(), started + 1);
+        let back = std::fs::read(&p).unwrap();
+        std::fs::remove_file(&p).unwrap();
+        assert!(back[..4096].iter().all(|&b| b == 3));
+        assert!(back[5 * 4096..6 * 4096].iter().all(|&b| b == 5));
     }
 
     #[tokio::test]
