@@ -14,6 +14,7 @@
 #           stays under the upload pressure mark, max_dirty / 2)
 # For memory and file: the four fio jobs of shared/bench/nbd-fio.sh (throughput, median of the
 # rounds), then server CPU per operation from /proc/PID/stat around fixed-count fio jobs.
+# For file also the cache pair's flush-heavy job (randw4k+fl256) against nbdkit file.
 # Ratios are nbd-rs / nbdkit: above 1 is better for throughput, below 1 is better for CPU/op.
 #
 # Usage: bench/compare.sh [--rounds N] [--rt SECS] [--only memory|file|s3|cache] [--bin PATH]
@@ -153,6 +154,27 @@ bench_pair() {
   fi
 }
 
+# 4 KiB random writes at depth 32 with a FLUSH every 256 (fio --fsync=256), alternating.
+fio_flush() {
+  fio --name=j --ioengine=nbd --uri="$1" --rw=randwrite --bs=4k --iodepth=32 --fsync=256 \
+    --size="$SIZE" --time_based --runtime="$RT" --ramp_time=1 \
+    --output-format=terse --terse-version=3 2>/dev/null | awk -F';' '$8+$49>0 { print $8+$49 }'
+}
+
+flush_pair() {
+  local pair=$1 uri_rs=$2 uri_ref=$3 r who order uri iops
+  [ "$DO_FIO" = 1 ] || return 0
+  for r in $(seq "$ROUNDS"); do
+    if [ $((r % 2)) = 1 ]; then order="rs ref"; else order="ref rs"; fi
+    for who in $order; do
+      uri=$uri_rs; [ $who = ref ] && uri=$uri_ref
+      iops=$(fio_flush "$uri")
+      echo "$pair randw4k+fl256 IOPS $who ${iops:-nan}" >>"$RESULTS"
+      echo "  [$pair round $r] randw4k+fl256 $who: ${iops:-?} IOPS" >&2
+    done
+  done
+}
+
 run_memory() {
   local p1 p2 a b
   p1=$(free_port); start rs-memory "$BIN" -l "127.0.0.1:$p1" -e disk raw memory:1GiB; a=$SPID
@@ -170,6 +192,7 @@ run_file() {
   p2=$(free_port); start kit-file nbdkit -f -i 127.0.0.1 -p "$p2" --exit-with-parent file "$WORK/kit.img"; b=$SPID
   wait_up "nbd://127.0.0.1:$p1/disk" $a; wait_up "nbd://127.0.0.1:$p2/" $b
   bench_pair file "nbd://127.0.0.1:$p1/disk" $a "nbd://127.0.0.1:$p2/" $b
+  flush_pair file "nbd://127.0.0.1:$p1/disk" "nbd://127.0.0.1:$p2/"
   stop $a; stop $b
   rm -f "$WORK/rs.img" "$WORK/kit.img"
 }
@@ -240,9 +263,7 @@ run_cache() {
       { printf '[server]\nlisten = ["127.0.0.1:%s"]\n' "$port"; cache_config "$v"; } >"$WORK/cache-$v.toml"
       start "cache-$v-$r" "$BIN" --config "$WORK/cache-$v.toml"; a=$SPID
       wait_up "nbd://127.0.0.1:$port/vol" $a
-      iops=$(fio --name=j --ioengine=nbd --uri="nbd://127.0.0.1:$port/vol" --rw=randwrite --bs=4k \
-        --iodepth=32 --fsync=256 --size="$SIZE" --time_based --runtime="$RT" --ramp_time=1 \
-        --output-format=terse --terse-version=3 2>/dev/null | awk -F';' '$8+$49>0 { print $8+$49 }')
+      iops=$(fio_flush "nbd://127.0.0.1:$port/vol")
       case $v in
         file) echo "s3cache randw4k+fl256 IOPS ref ${iops:-nan}" >>"$RESULTS"
               echo "s3local randw4k+fl256 IOPS ref ${iops:-nan}" >>"$RESULTS" ;;
