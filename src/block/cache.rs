@@ -1792,6 +1792,9 @@ struct Shared {
     /// Tests: the uploader starts nothing (FLUSH and FUA still upload).
     #[cfg(test)]
     background_paused: std::sync::atomic::AtomicBool,
+    /// Tests: the index syncer does not sync.
+    #[cfg(test)]
+    syncer_paused: std::sync::atomic::AtomicBool,
 }
 
 fn flatten<T>(r: Result<io::Result<T>, tokio::task::JoinError>) -> io::Result<T> {
@@ -3141,7 +3144,7 @@ impl Shared {
     /// as clean and marks the index closed cleanly, so the next open keeps them.
     fn write_clean_index(&self) -> io::Result<bool> {
         let mut clean = false;
-        // Alone, and covering no FLUSH: nothing is dirty by now.
+        // Alone, and standing in for no FLUSH.
         self.syncs.sync(u64::MAX, || {
             clean = self.write_clean_records()?;
             Ok(false)
@@ -3728,6 +3731,8 @@ impl CacheLayer {
             retiring: std::sync::atomic::AtomicBool::new(false),
             #[cfg(test)]
             background_paused: std::sync::atomic::AtomicBool::new(paused),
+            #[cfg(test)]
+            syncer_paused: std::sync::atomic::AtomicBool::new(false),
         });
         let tasks = vec![
             tokio::spawn(uploader(Arc::clone(&shared))),
@@ -3825,6 +3830,10 @@ async fn syncer(shared: Arc<Shared>) {
         }
         if *shutdown.borrow() {
             return;
+        }
+        #[cfg(test)]
+        if shared.syncer_paused.load(Ordering::SeqCst) {
+            continue;
         }
         // A failure is logged; the next round tries again.
         let _ = shared.sync_local(false).await;
@@ -5322,6 +5331,8 @@ mod tests {
                 &dir,
             )
             .await;
+            // Only the FLUSHes sync (the syncer's first round is a second away).
+            c.shared.syncer_paused.store(true, Ordering::SeqCst);
             c.write(BS, pattern(1, 4096), false).await.unwrap();
             c.flush().await.unwrap();
             // The next write stays dirty.

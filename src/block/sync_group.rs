@@ -5,26 +5,43 @@
 //! begins after the FLUSH arrived covers everything the FLUSH must make durable. When many
 //! FLUSHes (or FUA writes) queue behind a running sync, the first to get the lock syncs for
 //! all of them: one sync instead of one each. This is how a journaling file system commits.
+//!
+//! A failed `fdatasync` may have dropped the pages it could not write and marked them clean
+//! (Linux does), so a later sync that succeeds proves nothing about them. A group made with
+//! [`SyncGroup::sticky`] therefore fails every sync after the first that failed, as qemu does
+//! for its image files; only requests that an earlier, successful sync covered still succeed.
 
 use std::io;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 /// Syncs of one file (or one set of files), one at a time, shared by those that queue.
 #[derive(Debug, Default)]
 pub struct SyncGroup {
     /// Held while a sync runs.
     lock: Mutex<()>,
-    /// Syncs begun.
+    /// Numbers taken by syncs, whether they ran, failed or had nothing to do.
     started: AtomicU64,
     /// The number of the last sync that succeeded.
     done: AtomicU64,
+    /// Every sync after a failed one fails.
+    sticky: bool,
+    /// A sync failed (only set when `sticky`).
+    failed: AtomicBool,
     /// Tests: callers that asked for the lock.
     #[cfg(test)]
     waiters: std::sync::atomic::AtomicUsize,
 }
 
 impl SyncGroup {
+    /// A group in which a failed sync makes every later one fail (see the module documentation).
+    pub fn sticky() -> Self {
+        SyncGroup {
+            sticky: true,
+            ..SyncGroup::default()
+        }
+    }
+
     /// Taken when a request that needs a sync arrives, after the writes it must make durable
     /// finished: a sync begun later covers them.
     pub fn ticket(&self) -> u64 {
@@ -42,9 +59,22 @@ impl SyncGroup {
         if self.done.load(Ordering::SeqCst) > ticket {
             return Ok(());
         }
+        if self.failed.load(Ordering::SeqCst) {
+            return Err(io::Error::other(
+                "an earlier sync of this file failed, and the kernel may have dropped what it \
+                 could not write: nothing more can be made durable until the file is opened again",
+            ));
+        }
         let number = self.started.fetch_add(1, Ordering::SeqCst) + 1;
-        if sync()? {
-            self.done.store(number, Ordering::SeqCst);
+        match sync() {
+            Ok(true) => self.done.store(number, Ordering::SeqCst),
+            Ok(false) => {}
+            Err(e) => {
+                if self.sticky {
+                    self.failed.store(true, Ordering::SeqCst);
+                }
+                return Err(e);
+            }
         }
         Ok(())
     }
@@ -108,6 +138,63 @@ mod tests {
             c.join().unwrap().unwrap();
         }
         assert_eq!(ran.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn a_request_that_arrives_while_a_sync_runs_waits_for_the_next() {
+        let g = Arc::new(SyncGroup::default());
+        let (running_tx, running) = std::sync::mpsc::channel();
+        let (go, go_rx) = std::sync::mpsc::channel::<()>();
+        let first = {
+            let g = Arc::clone(&g);
+            let ticket = g.ticket();
+            std::thread::spawn(move || {
+                g.sync(ticket, || {
+                    running_tx.send(()).unwrap();
+                    go_rx.recv().unwrap();
+                    Ok(true)
+                })
+            })
+        };
+        running.recv().unwrap();
+        // The running sync may have passed this request's writes already.
+        let late = g.ticket();
+        go.send(()).unwrap();
+        first.join().unwrap().unwrap();
+        let ran = AtomicU64::new(0);
+        g.sync(late, || {
+            ran.fetch_add(1, Ordering::SeqCst);
+            Ok(true)
+        })
+        .unwrap();
+        assert_eq!(ran.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn after_a_failed_sync_a_sticky_group_syncs_nothing_more() {
+        let g = SyncGroup::sticky();
+        let covered = g.ticket();
+        g.sync(covered, || Ok(true)).unwrap();
+        let ticket = g.ticket();
+        let e = g
+            .sync(ticket, || Err(io::Error::other("disk gone")))
+            .unwrap_err();
+        assert_eq!(e.to_string(), "disk gone");
+        let ran = AtomicU64::new(0);
+        let e = g
+            .sync(g.ticket(), || {
+                ran.fetch_add(1, Ordering::SeqCst);
+                Ok(true)
+            })
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "an earlier sync of this file failed, and the kernel may have dropped what it could \
+             not write: nothing more can be made durable until the file is opened again"
+        );
+        assert_eq!(ran.load(Ordering::SeqCst), 0);
+        // A request the good sync covered is still answered as it was.
+        g.sync(covered, || Ok(true)).unwrap();
     }
 
     #[test]

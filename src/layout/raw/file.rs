@@ -78,7 +78,8 @@ pub struct FileImage {
     nowait: AtomicBool,
     /// Whether small writes run on the async worker.
     inline: InlineWrites,
-    /// `fdatasync`s, shared by FLUSHes and FUA requests that queue behind one.
+    /// `fdatasync`s, shared by FLUSHes and FUA requests that queue behind one; after one
+    /// fails, every later one fails.
     syncs: Arc<SyncGroup>,
     /// Large reads are offered for `sendfile` when `cachestat(2)` says they are in the page
     /// cache (cleared, and logged once, if `cachestat` fails for this image).
@@ -160,7 +161,7 @@ impl FileImage {
             file: Arc::new(file),
             nowait: AtomicBool::new(true),
             inline: InlineWrites::default(),
-            syncs: Arc::default(),
+            syncs: Arc::new(SyncGroup::sticky()),
             cachestat: AtomicBool::new(true),
         })
     }
