@@ -596,3 +596,25 @@ fn large_file_reads_over_tls_are_copied_and_match_the_image() {
     let status = s.stop();
     assert!(status.success(), "{status}");
 }
+
+/// A client slower than the server keeps the server's socket full, so the last bytes of a
+/// reply may find no room: the TLS stream keeps their records back until it is flushed, and a
+/// client that waits for that reply before asking anything more waits forever unless the
+/// server flushes after each batch of replies.
+#[test]
+fn every_reply_over_tls_reaches_a_slow_client_that_waits_for_it() {
+    let dir = pki("tls-slow");
+    let cfg = tls_config(&dir, false);
+    let s = Server::start(&["--config", &cfg]);
+    let (host, port) = s.addr.rsplit_once(':').unwrap();
+    let ca = dir.path("pki").join("ca-cert.pem");
+    let out = run_script(
+        "/usr/bin/python3",
+        "tls_slow_reader.py",
+        &[host, port, ca.to_str().unwrap(), "disk"],
+        Duration::from_secs(300),
+    );
+    assert_eq!(out.trim(), format!("read {} bytes", 64 * (8 << 20)));
+    let status = s.stop();
+    assert!(status.success(), "{status}");
+}

@@ -887,6 +887,10 @@ async fn write_loop<W: ReplyWriter>(
             }
         }
         write_all_vectored(&mut wr, &parts, false).await?;
+        // A TLS stream may have taken the last bytes and kept their records back, the socket
+        // being full: without a flush they would wait for the next reply, which the client,
+        // waiting for this one, may never cause. (For a plain socket this does nothing.)
+        wr.flush().await?;
         drop(parts);
         // Dropping the batch returns its budget to the reader.
         batch.clear();
