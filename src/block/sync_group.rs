@@ -115,6 +115,14 @@ mod tests {
     use super::*;
     use std::sync::Arc;
 
+    /// A sync that only counts its runs.
+    fn counted(ran: &AtomicU64) -> impl FnOnce() -> io::Result<bool> + '_ {
+        || {
+            ran.fetch_add(1, Ordering::SeqCst);
+            Ok(true)
+        }
+    }
+
     #[test]
     fn callers_queued_behind_a_sync_share_the_next_one() {
         let g = Arc::new(SyncGroup::default());
@@ -124,12 +132,7 @@ mod tests {
             .map(|_| {
                 let (g, ran) = (Arc::clone(&g), Arc::clone(&ran));
                 let ticket = g.ticket();
-                std::thread::spawn(move || {
-                    g.sync(ticket, || {
-                        ran.fetch_add(1, Ordering::SeqCst);
-                        Ok(true)
-                    })
-                })
+                std::thread::spawn(move || g.sync(ticket, counted(&ran)))
             })
             .collect();
         g.until_waiting(6);
@@ -162,11 +165,7 @@ mod tests {
         go.send(()).unwrap();
         first.join().unwrap().unwrap();
         let ran = AtomicU64::new(0);
-        g.sync(late, || {
-            ran.fetch_add(1, Ordering::SeqCst);
-            Ok(true)
-        })
-        .unwrap();
+        g.sync(late, counted(&ran)).unwrap();
         assert_eq!(ran.load(Ordering::SeqCst), 1);
     }
 
@@ -181,12 +180,7 @@ mod tests {
             .unwrap_err();
         assert_eq!(e.to_string(), "disk gone");
         let ran = AtomicU64::new(0);
-        let e = g
-            .sync(g.ticket(), || {
-                ran.fetch_add(1, Ordering::SeqCst);
-                Ok(true)
-            })
-            .unwrap_err();
+        let e = g.sync(g.ticket(), counted(&ran)).unwrap_err();
         assert_eq!(
             e.to_string(),
             "an earlier sync of this file failed, and the kernel may have dropped what it could \
@@ -201,17 +195,13 @@ mod tests {
     fn a_sync_begun_before_the_ticket_does_not_count() {
         let g = SyncGroup::default();
         let ran = AtomicU64::new(0);
-        let count = || {
-            ran.fetch_add(1, Ordering::SeqCst);
-            Ok(true)
-        };
         let early = g.ticket();
-        g.sync(early, count).unwrap();
+        g.sync(early, counted(&ran)).unwrap();
         // Taken after that sync began: it needs one of its own.
         let late = g.ticket();
-        g.sync(late, count).unwrap();
+        g.sync(late, counted(&ran)).unwrap();
         // Taken before the second began: covered.
-        g.sync(early + 1, count).unwrap();
+        g.sync(early + 1, counted(&ran)).unwrap();
         assert_eq!(ran.load(Ordering::SeqCst), 2);
     }
 
@@ -225,11 +215,7 @@ mod tests {
         assert_eq!(e.to_string(), "disk gone");
         g.sync(ticket, || Ok(false)).unwrap();
         let ran = AtomicU64::new(0);
-        g.sync(ticket, || {
-            ran.fetch_add(1, Ordering::SeqCst);
-            Ok(true)
-        })
-        .unwrap();
+        g.sync(ticket, counted(&ran)).unwrap();
         assert_eq!(ran.load(Ordering::SeqCst), 1);
     }
 }
