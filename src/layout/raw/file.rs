@@ -280,9 +280,10 @@ impl FileImage {
     }
 }
 
-/// `fdatasync` after a change that just finished, shared with others that queue behind one.
-fn sync_data(syncs: &SyncGroup, f: &File) -> io::Result<()> {
-    syncs.sync(syncs.ticket(), || f.sync_data().map(|()| true))
+/// `fdatasync` for a request that arrived (FLUSH) or finished its change (FUA) when `ticket`
+/// was taken, shared with others that queue behind one.
+fn sync_data(syncs: &SyncGroup, ticket: u64, f: &File) -> io::Result<()> {
+    syncs.sync(ticket, || f.sync_data().map(|()| true))
 }
 
 /// Reads larger than this skip the `RWF_NOWAIT` attempt.
@@ -496,7 +497,7 @@ impl BlockDevice for FileImage {
         self.blocking("write", offset, move |f| {
             f.write_all_at(&data, offset)?;
             if fua {
-                sync_data(&syncs, f)?;
+                sync_data(&syncs, syncs.ticket(), f)?;
             }
             Ok(())
         })
@@ -509,10 +510,8 @@ impl BlockDevice for FileImage {
         }
         let ticket = self.syncs.ticket();
         let syncs = Arc::clone(&self.syncs);
-        self.blocking("flush", 0, move |f| {
-            syncs.sync(ticket, || f.sync_data().map(|()| true))
-        })
-        .await
+        self.blocking("flush", 0, move |f| sync_data(&syncs, ticket, f))
+            .await
     }
 
     async fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<(), BlockError> {
@@ -529,7 +528,7 @@ impl BlockDevice for FileImage {
                 Err(e) => return Err(errno_to_io(e)),
             }
             if fua {
-                sync_data(&syncs, f)?;
+                sync_data(&syncs, syncs.ticket(), f)?;
             }
             Ok(())
         })
@@ -564,7 +563,7 @@ impl BlockDevice for FileImage {
                     Err(e) => return Err(errno_to_io(e)),
                 }
                 if flags.fua {
-                    sync_data(&syncs, f)?;
+                    sync_data(&syncs, syncs.ticket(), f)?;
                 }
                 Ok(true)
             })
