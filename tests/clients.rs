@@ -25,6 +25,19 @@ fn file_server(dir: &Scratch, size: &str, read_only: bool) -> Server {
     Server::start(&["-e", "disk", "raw", &conn])
 }
 
+/// The value of a counter (`sendfile_bytes`, `spliced_bytes`) in each connection's closing line
+/// so far.
+fn closing_counts(s: &Server, field: &str) -> Vec<u64> {
+    s.log()
+        .lines()
+        .filter(|l| l.contains("client disconnected"))
+        .map(|l| {
+            let v = l.split(&format!(" {field}=")).nth(1).expect(field);
+            v.split_whitespace().next().unwrap().parse().unwrap()
+        })
+        .collect()
+}
+
 fn stop_cleanly(s: Server) {
     let log = s.log();
     assert!(!log.contains("panicked"), "the server panicked:\n{log}");
@@ -216,18 +229,7 @@ fn large_file_reads_are_sent_from_the_page_cache_and_match_the_image() {
     // The closing lines are logged as the connections end; wait for all four.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let sent = loop {
-        let sent: Vec<u64> = s
-            .log()
-            .lines()
-            .filter(|l| l.contains("client disconnected"))
-            .map(|l| {
-                let v = l
-                    .split("sendfile_bytes=")
-                    .nth(1)
-                    .expect("sendfile_bytes field");
-                v.split_whitespace().next().unwrap().parse().unwrap()
-            })
-            .collect();
+        let sent = closing_counts(&s, "sendfile_bytes");
         if sent.len() == 4 || std::time::Instant::now() > deadline {
             break sent;
         }
@@ -242,6 +244,79 @@ fn large_file_reads_are_sent_from_the_page_cache_and_match_the_image() {
     } else {
         assert!(sent.iter().all(|&n| n > 0), "sendfile_bytes {sent:?}");
     }
+    stop_cleanly(s);
+}
+
+/// Large writes to an image file move from the socket into the file by `splice`, over TCP and
+/// over a Unix socket: what nbdcopy copies in (requests of 256 KiB and 2 MiB, on several
+/// connections) lands intact, and the connections' closing lines count nearly every byte as
+/// spliced (after a spliced write, only the next request's header is read, not its payload).
+#[test]
+fn large_writes_are_spliced_into_an_image_file_and_land_intact() {
+    let dir = Scratch::new("splice");
+    let img = dir.path("disk.img");
+    let sock = dir.path("nbd.sock");
+    let unix = format!("unix:{}", sock.display());
+    let image = format!("file:{}?size=64MiB", img.display());
+    let s = Server::start(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--listen",
+        &unix,
+        "-e",
+        "disk",
+        "raw",
+        &image,
+    ]);
+    let uris = [
+        s.uri("disk"),
+        format!("nbd+unix:///disk?socket={}", sock.display()),
+    ];
+    let mut copied = 0u64;
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    for uri in &uris {
+        for size in ["262144", "2097152"] {
+            // Other bytes each time, so that every copy has to land.
+            seed += 1;
+            let mut x = seed;
+            let bytes: Vec<u8> = (0..64 << 20)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                })
+                .collect();
+            let src = dir.path("src");
+            std::fs::write(&src, &bytes).unwrap();
+            let out = common::run(
+                std::process::Command::new("nbdcopy")
+                    .arg(format!("--request-size={size}"))
+                    .arg(&src)
+                    .arg(uri),
+                LIMIT,
+            );
+            assert!(out.status.success(), "nbdcopy {uri}: {out:?}");
+            assert!(
+                std::fs::read(&img).unwrap() == bytes,
+                "{uri} --request-size={size}"
+            );
+            copied += bytes.len() as u64;
+        }
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let spliced = loop {
+        let sum: u64 = closing_counts(&s, "spliced_bytes").iter().sum();
+        if sum >= copied * 9 / 10 || std::time::Instant::now() > deadline {
+            break sum;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(
+        spliced >= copied * 9 / 10 && spliced <= copied,
+        "{spliced} of {copied}:\n{}",
+        s.log()
+    );
     stop_cleanly(s);
 }
 

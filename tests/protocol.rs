@@ -1664,6 +1664,133 @@ fn read_only_export_refuses_writes_with_eperm() {
     assert_eq!(n.read(0, 1024), vec![0; 1024]);
 }
 
+/// Large writes to an image file go from the socket into the file (`splice`), except those
+/// with FUA: every one lands where it should, over each reply mode. Bad ones get the same
+/// answers as anywhere else, with their payloads consumed. A client gone partway through a
+/// payload leaves the file's 4 KiB blocks whole: the complete ones written, the rest untouched.
+#[test]
+fn large_writes_to_an_image_file_land_and_bad_ones_are_refused() {
+    let dir = std::env::temp_dir().join(format!("nbd-rs-protocol-splice-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let (img, ro) = (dir.join("img"), dir.join("ro"));
+    std::fs::write(&ro, vec![0u8; 4 * MIB as usize]).unwrap();
+    let srv = Server::with_exports(&[
+        ["img", "raw", &format!("file:{}?size=8MiB", img.display())],
+        [
+            "roimg",
+            "raw",
+            &format!("file:{}?read_only=true", ro.display()),
+        ],
+    ]);
+    let on_disk = |offset: u64, len: usize| {
+        std::fs::read(&img).unwrap()[offset as usize..offset as usize + len].to_vec()
+    };
+    let mut seed = 20;
+    for mode in [Mode::Simple, Mode::Structured, Mode::Extended] {
+        let mut n = connect_go(&srv, "img", mode, false);
+        seed += 1;
+        // Unaligned at both ends.
+        let data = pattern(seed, (MIB + 1000) as usize);
+        n.write(4097, &data);
+        assert_eq!(n.read(4097, data.len() as u64), data, "{mode:?}");
+        assert_eq!(on_disk(4097, data.len()), data, "{mode:?}");
+        let fua = pattern(seed + 100, 256 * KIB as usize);
+        let r = n.call(
+            n.write_flags() | CMD_FLAG_FUA,
+            CMD_WRITE,
+            3 * MIB,
+            fua.len() as u64,
+            &fua,
+        );
+        n.expect_ok(&r, "256 KiB WRITE with FUA");
+        assert_eq!(on_disk(3 * MIB, fua.len()), fua, "{mode:?}");
+        let big = pattern(seed + 200, MIB as usize);
+        n.write_err(
+            7 * MIB + 4096,
+            &big,
+            ENOSPC,
+            "1 MiB WRITE straddling the end of the image",
+        );
+        let r = n.call(
+            n.write_flags() | CMD_FLAG_NO_HOLE,
+            CMD_WRITE,
+            6 * MIB,
+            MIB,
+            &big,
+        );
+        n.expect_err(&r, EINVAL, "1 MiB WRITE with NO_HOLE");
+        assert_eq!(
+            n.read(6 * MIB, 2 * MIB),
+            vec![0; 2 * MIB as usize],
+            "{mode:?}"
+        );
+        n.send(0, CMD_DISC, 0, 0, 0, &[]);
+        n.c.expect_closed("after NBD_CMD_DISC");
+    }
+    let mut n = connect_go(&srv, "roimg", Mode::Structured, false);
+    n.write_err(
+        0,
+        &pattern(30, MIB as usize),
+        EPERM,
+        "1 MiB WRITE on a read-only image",
+    );
+    assert_eq!(n.read(0, MIB), vec![0; MIB as usize]);
+    n.send(0, CMD_DISC, 0, 0, 0, &[]);
+    n.c.expect_closed("after NBD_CMD_DISC");
+
+    // Gone after 10,000 bytes of a 1 MiB payload at 5 MiB + 1000, sent in two pieces.
+    let mut n = connect_go(&srv, "img", Mode::Structured, false);
+    let data = pattern(31, 10_000);
+    let mut b = request_bytes(Mode::Structured, 0, CMD_WRITE, 9, 5 * MIB + 1000, MIB);
+    b.extend_from_slice(&data[..3000]);
+    n.c.send(&b);
+    thread::sleep(Duration::from_millis(100));
+    n.c.send(&data[3000..]);
+    thread::sleep(Duration::from_millis(100));
+    drop(n);
+    let deadline = Instant::now() + TIMEOUT;
+    while srv.logged("inside a write payload").is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "no log line for the broken write"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(on_disk(5 * MIB, 1000), vec![0; 1000]);
+    assert_eq!(on_disk(5 * MIB + 1000, 8192 - 1000), data[..8192 - 1000]);
+    assert_eq!(on_disk(5 * MIB + 8192, 8192), vec![0; 8192]);
+
+    while srv.logged("client disconnected").len() < 4 {
+        assert!(
+            Instant::now() < deadline,
+            "no closing lines:\n{:?}",
+            srv.logged("")
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    let closing = srv.logged("client disconnected");
+    assert_eq!(closing.len(), 4, "{closing:?}");
+    let spliced: Vec<u64> = closing
+        .iter()
+        .map(|l| {
+            let v = l
+                .split("spliced_bytes=")
+                .nth(1)
+                .expect("spliced_bytes field");
+            v.split_whitespace().next().unwrap().parse().unwrap()
+        })
+        .collect();
+    // Each image connection spliced most of its 1 MiB write (some of it came with the header);
+    // the read-only one spliced nothing.
+    assert!(
+        spliced[..3].iter().all(|&n| n > MIB / 2 && n <= MIB + 1000),
+        "{spliced:?}"
+    );
+    assert_eq!(spliced[3], 0, "{spliced:?}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 #[test]
 fn read_only_export_refuses_fast_zero_with_eperm() {
     // EXPECTED.md: write_zeroes with or without FAST_ZERO on a read-only export -> EPERM.

@@ -593,6 +593,34 @@ fn large_file_reads_over_tls_are_copied_and_match_the_image() {
         .find(|l| l.contains("client disconnected"))
         .unwrap();
     assert!(line.contains(" sendfile_bytes=0 "), "{line}");
+    // Large writes are decrypted in user space too, so none is spliced into the file.
+    let src = dir.path("src");
+    std::fs::write(
+        &src,
+        (0..4u32 << 20).map(|i| (i % 253) as u8).collect::<Vec<_>>(),
+    )
+    .unwrap();
+    let (ok, _, err) = try_run(Command::new("nbdcopy").arg(&src).arg(&uri));
+    assert!(ok, "{err}");
+    assert!(std::fs::read(&img).unwrap()[..4 << 20] == std::fs::read(&src).unwrap()[..]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while s.log().matches("client disconnected").count() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "no closing line for nbdcopy:\n{}",
+            s.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let log = s.log();
+    let closing: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("client disconnected"))
+        .collect();
+    assert!(
+        closing.iter().all(|l| l.contains(" spliced_bytes=0 ")),
+        "{closing:?}"
+    );
     let status = s.stop();
     assert!(status.success(), "{status}");
 }

@@ -40,8 +40,12 @@ impl Default for InlineWrites {
 impl InlineWrites {
     /// True if a write of `len` bytes may run inline now.
     pub fn allowed(&self, len: usize) -> bool {
-        len <= INLINE_WRITE_MAX
-            && self.start.elapsed().as_nanos() as u64 >= self.from.load(Ordering::Relaxed)
+        len <= INLINE_WRITE_MAX && !self.paused()
+    }
+
+    /// True while a slow write keeps writes off the async worker.
+    pub fn paused(&self) -> bool {
+        (self.start.elapsed().as_nanos() as u64) < self.from.load(Ordering::Relaxed)
     }
 
     /// Runs an inline write, pausing inline writes if it was slow.

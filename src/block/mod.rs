@@ -25,6 +25,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use rustix::io::Errno;
 
+use self::inline::InlineWrites;
 use crate::store::StoreError;
 
 /// Block size constraints advertised to clients in `NBD_INFO_BLOCK_SIZE`.
@@ -182,6 +183,20 @@ pub struct FileRange {
     pub len: u32,
 }
 
+/// Where a write's payload can go straight from the client's socket into a file (`splice(2)`),
+/// so that the server copies it once, into the page cache, instead of twice: see
+/// [`BlockDevice::write_target`].
+#[derive(Debug)]
+pub struct WriteTarget<'a> {
+    /// The file.
+    pub file: &'a Arc<File>,
+    /// Where the write starts in it.
+    pub offset: u64,
+    /// The file's inline-write state: where writes to it may run now (on the async worker, or
+    /// on the blocking pool while the kernel makes them wait).
+    pub inline: &'a InlineWrites,
+}
+
 /// `base:allocation` state of an extent: `NBD_STATE_HOLE`.
 pub const STATE_HOLE: u32 = 1;
 /// `base:allocation` state of an extent: `NBD_STATE_ZERO`.
@@ -306,6 +321,16 @@ pub trait BlockDevice: Send + Sync + fmt::Debug + 'static {
     /// device's bytes. The bytes are taken when the reply is written, which is still within
     /// the read's lifetime for the client.
     fn file_range(&self, _offset: u64, _len: u32) -> Option<FileRange> {
+        None
+    }
+
+    /// Where a write of `len` bytes at `offset`, without FUA, can be put by the connection
+    /// itself, straight from its socket (see [`WriteTarget`]). `None` (the default) means "call
+    /// `write`": only a store whose bytes are the device's bytes answers. Bytes put there are
+    /// as written as `write` would have left them: visible to every read, made durable by the
+    /// next `flush`. A write whose payload stops coming partway may be left partly done, in
+    /// whole 4 KiB blocks of the file.
+    fn write_target(&self, _offset: u64, _len: u32) -> Option<WriteTarget<'_>> {
         None
     }
 

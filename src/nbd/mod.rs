@@ -2,6 +2,7 @@
 
 pub mod handshake;
 pub mod proto;
+pub mod splice;
 pub mod transmission;
 pub mod wire;
 
@@ -29,7 +30,7 @@ pub const DRAIN_GRACE: Duration = Duration::from_secs(30);
 /// phase: TCP and Unix sockets by their owned halves, TLS streams through `tokio::io::split`.
 pub trait Connection: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     /// The read half.
-    type Read: AsyncRead + Unpin + Send + 'static;
+    type Read: splice::RequestReader;
     /// The write half.
     type Write: transmission::ReplyWriter;
     /// Splits the connection.
@@ -250,13 +251,14 @@ async fn transmit<S: Connection>(
                 requests = stats.requests,
                 errors = stats.errors,
                 sendfile_bytes = stats.sendfile_bytes,
+                spliced_bytes = stats.spliced_bytes,
                 buffer_releases = stats.buffer_releases,
                 secs,
                 "{how}"
             );
         }
         Err(e) => {
-            warn!(peer, export, requests = stats.requests, errors = stats.errors, sendfile_bytes = stats.sendfile_bytes, buffer_releases = stats.buffer_releases, secs, error = %e, "connection ended");
+            warn!(peer, export, requests = stats.requests, errors = stats.errors, sendfile_bytes = stats.sendfile_bytes, spliced_bytes = stats.spliced_bytes, buffer_releases = stats.buffer_releases, secs, error = %e, "connection ended");
         }
     }
 }

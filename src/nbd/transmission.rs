@@ -1,7 +1,9 @@
 //! The transmission phase: requests read in batches, run concurrently, answered as they finish.
 //!
 //! One reader loop parses every request already buffered before reading the socket again, and
-//! reads write payloads straight into their own buffers. Each valid request runs as its own
+//! reads write payloads straight into their own buffers; on a plain socket, a large write to an
+//! image file is moved from the socket into the file instead (`nbd::splice`), and while large
+//! writes keep coming only each request's header is read. Each valid request runs as its own
 //! task, so independent requests on one connection proceed in parallel. A writer task sends
 //! replies as they complete, many per vectored write. A per-connection budget bounds the bytes
 //! in flight, so a connection costs no more than its in-flight requests. On a plain socket, and
@@ -25,6 +27,7 @@ use tracing::{debug, warn};
 
 use super::handshake::Session;
 use super::proto::{BASE_ALLOCATION_ID, cflag, cmd, reply, tflag};
+use super::splice::{self, RequestReader, SPLICE_MIN};
 use super::wire::{self, Frames, ReplyMode, Request};
 use crate::block::{BlockError, Extent, FileRange, MAX_PAYLOAD, ReadChunk, ZeroFlags, errno};
 
@@ -138,6 +141,8 @@ pub struct Stats {
     pub errors: u64,
     /// Read payload bytes sent straight from the page cache (`sendfile`), not copied.
     pub sendfile_bytes: u64,
+    /// Write payload bytes moved from the socket into a file by `splice`, not read.
+    pub spliced_bytes: u64,
     /// Times the connection, idle, gave its read-ahead buffer back.
     pub buffer_releases: u64,
 }
@@ -209,7 +214,7 @@ pub async fn serve<R, W>(
     settings: Settings,
 ) -> (Result<End, TransmissionError>, Stats)
 where
-    R: AsyncRead + Unpin + Send,
+    R: RequestReader,
     W: ReplyWriter,
 {
     let Settings { idle, zero_copy } = settings;
@@ -251,7 +256,7 @@ where
 
 // The reader's whole state, borrowed from `serve`: a struct would only move the list.
 #[allow(clippy::too_many_arguments)]
-async fn read_loop<R: AsyncRead + Unpin>(
+async fn read_loop<R: RequestReader>(
     rd: &mut R,
     buf: &mut BytesMut,
     session: &Arc<Session>,
@@ -268,6 +273,8 @@ async fn read_loop<R: AsyncRead + Unpin>(
     let mut stop_seen = false;
     // Whether `buf` may hold a READ_CHUNK allocation (its capacity is only what is left of it).
     let mut holds_chunk = false;
+    // Whether the last request was a spliced write.
+    let mut lean = false;
     loop {
         let req = match wire::parse_request(buf, mode) {
             Ok(Some(r)) => r,
@@ -292,6 +299,13 @@ async fn read_loop<R: AsyncRead + Unpin>(
                         .as_mut()
                         .reset(tokio::time::Instant::now() + IDLE_RELEASE);
                 }
+                // After a spliced write, only the next request's header is read: what follows
+                // it is likely another large payload, to be spliced rather than copied.
+                let want = if lean {
+                    mode.request_len().saturating_sub(buf.len()).max(1)
+                } else {
+                    usize::MAX
+                };
                 let n = loop {
                     tokio::select! {
                         biased;
@@ -310,7 +324,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
                                 _ => return Ok(End::Shutdown),
                             }
                         }
-                        n = rd.read_buf(buf) => break n?,
+                        n = read_some(rd, buf, want) => break n?,
                         _ = release_timer.as_mut(), if release => {
                             // Still empty: `read_buf` would have returned first.
                             *buf = BytesMut::with_capacity(IDLE_BUF);
@@ -380,6 +394,12 @@ async fn read_loop<R: AsyncRead + Unpin>(
             Ok(p) => p,
             Err(_) => return Err(TransmissionError::Protocol("budget closed".into())),
         };
+        if let Some(frames) = splice_write(rd, buf, session, &req, stats).await? {
+            send(tx, frames, Some(permit));
+            lean = true;
+            continue;
+        }
+        lean = false;
         let payload = if req.payload > 0 {
             read_payload(rd, buf, req.payload as usize).await?
         } else {
@@ -423,6 +443,62 @@ async fn read_loop<R: AsyncRead + Unpin>(
     }
 }
 
+/// Puts a large write's payload straight from the socket into the image file
+/// (`nbd::splice`), when the connection is a plain socket, the request is valid, and the device
+/// offers a file to put it in; `None` when the payload is still to be read.
+async fn splice_write<R: RequestReader>(
+    rd: &mut R,
+    buf: &mut BytesMut,
+    session: &Session,
+    req: &Request,
+    stats: &mut Stats,
+) -> io::Result<Option<Frames>> {
+    if req.kind != cmd::WRITE
+        || req.payload < SPLICE_MIN
+        || buf.len() as u64 >= req.payload
+        || !rd.can_splice()
+    {
+        return Ok(None);
+    }
+    // An invalid request is refused the usual way, after its payload is read.
+    let Ok(Op::Write {
+        offset, fua: false, ..
+    }) = validate(session, req, Bytes::new())
+    else {
+        return Ok(None);
+    };
+    let dev = &session.export.device;
+    let Some(target) = dev.write_target(offset, req.payload as u32) else {
+        return Ok(None);
+    };
+    let Ok(pipe) = splice::Pipe::take() else {
+        return Ok(None);
+    };
+    Ok(Some(
+        match splice::splice_payload(rd, buf, &target, pipe, req.payload as usize).await? {
+            Ok(spliced) => {
+                stats.spliced_bytes += spliced;
+                wire::ok_reply(session.mode, req.cookie, req.offset)
+            }
+            Err(e) => failed(session, req, BlockError::io("write", offset, e)),
+        },
+    ))
+}
+
+/// The reply to a request the device failed, logged unless it is an expected answer.
+fn failed(session: &Session, req: &Request, e: BlockError) -> Frames {
+    if !matches!(e, BlockError::FastZeroUnsupported) {
+        warn!(export = %session.export.name, kind = req.kind, error = %e, "request failed");
+    }
+    wire::error_reply(
+        session.mode,
+        req.cookie,
+        req.offset,
+        e.nbd_errno(),
+        &e.to_string(),
+    )
+}
+
 fn send(tx: &Tx, frames: Frames, permit: Option<OwnedSemaphorePermit>) {
     // If the writer is gone the client is too; the reader notices on its next read.
     let _ = tx.send(Outgoing {
@@ -455,8 +531,17 @@ async fn sleep_or_never(d: Option<std::time::Duration>) {
     }
 }
 
+/// Reads what the socket has into `buf`, at most `want` bytes. Cancel-safe, as `read_buf`.
+async fn read_some<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    buf: &mut BytesMut,
+    want: usize,
+) -> io::Result<usize> {
+    rd.read_buf(&mut buf.limit(want)).await
+}
+
 /// Reads exactly `n` payload bytes, taking what is buffered first.
-async fn read_payload<R: AsyncRead + Unpin>(
+pub(super) async fn read_payload<R: AsyncRead + Unpin>(
     rd: &mut R,
     buf: &mut BytesMut,
     n: usize,
@@ -479,7 +564,7 @@ async fn read_payload<R: AsyncRead + Unpin>(
 }
 
 /// Reads and drops `n` payload bytes.
-async fn discard<R: AsyncRead + Unpin>(
+pub(super) async fn discard<R: AsyncRead + Unpin>(
     rd: &mut R,
     buf: &mut BytesMut,
     mut n: u64,
@@ -658,13 +743,7 @@ async fn execute(session: &Session, sendfile: bool, req: &Request, op: Op) -> Fr
     };
     match result {
         Ok(frames) => frames,
-        Err(e) => {
-            let code = e.nbd_errno();
-            if !matches!(e, BlockError::FastZeroUnsupported) {
-                warn!(export = %session.export.name, kind = req.kind, error = %e, "request failed");
-            }
-            wire::error_reply(mode, req.cookie, req.offset, code, &e.to_string())
-        }
+        Err(e) => failed(session, req, e),
     }
 }
 

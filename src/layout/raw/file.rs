@@ -7,7 +7,9 @@
 //!
 //! Reads try `preadv2(RWF_NOWAIT)` before the pool. Reads of 64 KiB and more whose pages are
 //! all in the page cache (by `cachestat(2)`, Linux 6.5 and later) are not read at all: the
-//! connection sends them with `sendfile`, so the server copies none of their bytes.
+//! connection sends them with `sendfile`, so the server copies none of their bytes. Large
+//! writes without FUA are offered to the connection as a [`WriteTarget`]: on a plain socket it
+//! splices their payloads into the file, copied once instead of twice.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, IoSliceMut};
@@ -27,7 +29,7 @@ use crate::block::inline::InlineWrites;
 use crate::block::sync_group::SyncGroup;
 use crate::block::{
     BlockDevice, BlockError, BlockSizes, DeviceInfo, Extent, FileRange, ReadData, STATE_HOLE,
-    STATE_ZERO, ZeroFlags,
+    STATE_ZERO, WriteTarget, ZeroFlags,
 };
 
 /// Block status reports at most this many extents per call; clients ask again for the rest.
@@ -479,6 +481,14 @@ impl BlockDevice for FileImage {
                 None
             }
         }
+    }
+
+    fn write_target(&self, offset: u64, _len: u32) -> Option<WriteTarget<'_>> {
+        (!self.info.read_only).then_some(WriteTarget {
+            file: &self.file,
+            offset,
+            inline: &self.inline,
+        })
     }
 
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), BlockError> {

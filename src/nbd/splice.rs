@@ -1,0 +1,745 @@
+//! Write payloads moved from the socket into an image file by `splice(2)`, through a pipe.
+//!
+//! Read into a buffer and then written, a payload is copied twice: from the socket into the
+//! buffer, and from the buffer into the page cache. Spliced, the socket's pages move into a
+//! pipe and are copied once, into the page cache. For 1 MiB writes over loopback that is about
+//! a fifth less server CPU per write (a C loop of 4,000 writes: 160-178 against 190-236 us per
+//! MiB, and a quarter more throughput).
+//!
+//! A write takes a pipe from a small pool for the time of its payload and gives it back empty.
+//! Each step moves what the socket holds into the pipe, then everything in the pipe out: into
+//! the file on the async worker, as other small writes do (`block::inline`), or on the blocking
+//! pool while the kernel is making writes to that file wait.
+//!
+//! Only whole 4 KiB blocks of the file ([`BLOCK`]) are written before the payload has all
+//! arrived: the bytes of a block not yet complete are carried (at most 4 KiB, copied) and
+//! written with the rest of their block. So a client that goes away partway through a payload
+//! leaves each block of the file either as it was or as it was being written, as a disk does
+//! with its sectors when the power goes during a write; it was never told that write was done.
+
+use std::fs::File;
+use std::future::poll_fn;
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, ready};
+
+use bytes::BytesMut;
+use rustix::pipe::{PipeFlags, SpliceFlags};
+use tokio::io::{AsyncRead, Interest};
+
+use crate::block::WriteTarget;
+use crate::block::inline::InlineWrites;
+
+/// Writes are cut at multiples of this many bytes of the file until the payload is complete.
+const BLOCK: u64 = 4096;
+
+/// The size each pipe asks for. 1 MiB, the default `pipe-max-size`, takes a 1 MiB payload in
+/// one step; a smaller pipe (the kernel refuses larger ones past a user's allowance) only takes
+/// more steps.
+const PIPE_BYTES: usize = 1 << 20;
+
+/// Payloads from this size up are spliced; below it the system calls cost more than the copy.
+pub const SPLICE_MIN: u64 = 64 * 1024;
+
+/// Pipes at most, in use or idle: 32 pipes of 1 MiB stay within the 64 MiB of pipe buffers an
+/// unprivileged user gets by default, and take 64 file descriptors. Writes that find none
+/// free read their payloads the usual way.
+const MAX_PIPES: usize = 32;
+
+/// Idle pipes kept for the next writes; more are closed when given back.
+const IDLE_PIPES: usize = 16;
+
+/// The server's pipes.
+static PIPES: Pool = Pool::new(MAX_PIPES);
+
+/// A bounded set of pipes.
+#[derive(Debug)]
+struct Pool {
+    /// Empty pipes, waiting for a write.
+    idle: Mutex<Vec<Pipe>>,
+    /// Pipes that exist, idle or in use.
+    live: AtomicUsize,
+    /// How many may.
+    max: usize,
+}
+
+impl Pool {
+    const fn new(max: usize) -> Pool {
+        Pool {
+            idle: Mutex::new(Vec::new()),
+            live: AtomicUsize::new(0),
+            max,
+        }
+    }
+
+    /// An idle pipe, or a new one: an error if there are as many as may be, or the process is
+    /// out of file descriptors.
+    fn take(&'static self) -> io::Result<Pipe> {
+        if let Some(p) = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop() {
+            return Ok(p);
+        }
+        if self.live.fetch_add(1, Ordering::Relaxed) >= self.max {
+            self.live.fetch_sub(1, Ordering::Relaxed);
+            return Err(io::Error::other("every pipe is in use"));
+        }
+        let (read, write) = rustix::pipe::pipe_with(PipeFlags::CLOEXEC | PipeFlags::NONBLOCK)
+            .inspect_err(|_| {
+                self.live.fetch_sub(1, Ordering::Relaxed);
+            })?;
+        // Counted from here on: dropped, the pipe uncounts itself.
+        let mut pipe = Pipe {
+            read,
+            write,
+            capacity: 0,
+            pool: self,
+        };
+        pipe.capacity = match rustix::pipe::fcntl_setpipe_size(&pipe.write, PIPE_BYTES) {
+            Ok(n) => n,
+            // Over the user's allowance: the pipe keeps the size it was given.
+            Err(_) => rustix::pipe::fcntl_getpipe_size(&pipe.write)?,
+        };
+        Ok(pipe)
+    }
+}
+
+/// A pipe, owned by one write at a time. Empty whenever it is not in a step.
+#[derive(Debug)]
+pub struct Pipe {
+    read: OwnedFd,
+    write: OwnedFd,
+    /// What it holds at most.
+    capacity: usize,
+    pool: &'static Pool,
+}
+
+impl Pipe {
+    /// A pipe for a write's payload; an error if there is none to be had, and the payload is
+    /// to be read the usual way.
+    pub fn take() -> io::Result<Pipe> {
+        PIPES.take()
+    }
+
+    /// Back to its pool, empty.
+    fn give_back(self) {
+        let pool = self.pool;
+        let mut idle = pool.idle.lock().unwrap_or_else(|e| e.into_inner());
+        if idle.len() < IDLE_PIPES {
+            idle.push(self);
+        }
+    }
+}
+
+impl Drop for Pipe {
+    fn drop(&mut self) {
+        self.pool.live.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The read half of a connection. A plain socket can also move its bytes into a pipe with
+/// `splice(2)`, uncopied: large write payloads for image files are taken that way.
+pub trait RequestReader: AsyncRead + Unpin + Send + 'static {
+    /// Whether payloads can be spliced. TLS streams cannot: their bytes are decrypted in user
+    /// space.
+    fn can_splice(&self) -> bool {
+        false
+    }
+
+    /// Moves up to `max` bytes into `pipe`, which has room for them, when the socket has some;
+    /// `Ok(0)` at end of stream.
+    fn poll_splice(
+        &mut self,
+        _cx: &mut Context<'_>,
+        _pipe: BorrowedFd<'_>,
+        _max: usize,
+    ) -> Poll<io::Result<usize>> {
+        Poll::Ready(Err(io::ErrorKind::Unsupported.into()))
+    }
+}
+
+/// Plain sockets: `splice` from the socket, waiting for data as tokio's own reads do.
+macro_rules! socket_request_reader {
+    ($half:ty, $stream:ty) => {
+        impl RequestReader for $half {
+            fn can_splice(&self) -> bool {
+                SIOCATMARK.is_some()
+            }
+
+            fn poll_splice(
+                &mut self,
+                cx: &mut Context<'_>,
+                pipe: BorrowedFd<'_>,
+                max: usize,
+            ) -> Poll<io::Result<usize>> {
+                let sock: &$stream = self.as_ref();
+                loop {
+                    ready!(sock.poll_read_ready(cx))?;
+                    let flags = SpliceFlags::NONBLOCK | SpliceFlags::MOVE;
+                    match sock.try_io(Interest::READABLE, || {
+                        match rustix::pipe::splice(sock, None, pipe, None, max, flags) {
+                            Err(rustix::io::Errno::AGAIN) => urgent_or_empty(sock.as_fd()),
+                            r => r.map_err(io::Error::from),
+                        }
+                    }) {
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                        r => return Poll::Ready(r),
+                    }
+                }
+            }
+        }
+    };
+}
+
+/// Why a splice from a socket, into a pipe with room, would block: the socket is empty
+/// (`WouldBlock`), or its next byte is TCP urgent data, where `splice` stops for good (`recv`
+/// would skip the urgent byte, and the stream would no longer make sense either).
+fn urgent_or_empty(sock: BorrowedFd<'_>) -> io::Result<usize> {
+    if at_urgent_mark(sock) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "the client sent urgent (out-of-band) data inside a write payload",
+        ));
+    }
+    Err(io::ErrorKind::WouldBlock.into())
+}
+
+/// `SIOCATMARK`, where it is 0x8905 (`None`: another value, on architectures that nbd-rs does
+/// not splice on).
+const SIOCATMARK: Option<libc::c_ulong> = if cfg!(any(
+    target_arch = "mips",
+    target_arch = "mips64",
+    target_arch = "mips32r6",
+    target_arch = "mips64r6",
+    target_arch = "sparc",
+    target_arch = "sparc64"
+)) {
+    None
+} else {
+    Some(0x8905)
+};
+
+/// Whether the next byte of `sock` is TCP urgent data (`ioctl(SIOCATMARK)`). Unlike a peek
+/// at what the socket holds, this cannot mistake bytes that arrived after the splice for
+/// bytes it could not take.
+#[allow(unsafe_code)]
+fn at_urgent_mark(sock: BorrowedFd<'_>) -> bool {
+    use std::os::fd::AsRawFd;
+    let Some(request) = SIOCATMARK else {
+        return false;
+    };
+    let mut at: libc::c_int = 0;
+    // SAFETY: SIOCATMARK writes one int through the pointer, which points at one.
+    let r = unsafe { libc::ioctl(sock.as_raw_fd(), request as _, &mut at as *mut libc::c_int) };
+    r == 0 && at != 0
+}
+
+socket_request_reader!(tokio::net::tcp::OwnedReadHalf, tokio::net::TcpStream);
+socket_request_reader!(tokio::net::unix::OwnedReadHalf, tokio::net::UnixStream);
+
+impl<S: AsyncRead + Send + Unpin + 'static> RequestReader for tokio::io::ReadHalf<S> {}
+
+/// Takes the `n` payload bytes of a write, those already in `buf` first, and puts them in the
+/// target file through `pipe`. The outer error is the connection's (the socket failed or
+/// closed: the stream is lost). The inner one is the file's: the rest of the payload has then
+/// been read and dropped, so the stream is still in step, and the write is to be answered with
+/// the error. `Ok(Ok(k))`: done, `k` bytes of it spliced.
+pub async fn splice_payload<R: RequestReader>(
+    rd: &mut R,
+    buf: &mut BytesMut,
+    target: &WriteTarget<'_>,
+    pipe: Pipe,
+    n: usize,
+) -> io::Result<io::Result<u64>> {
+    let put = Put {
+        file: Arc::clone(target.file),
+        pipe,
+        pos: target.offset,
+        carry: Vec::new(),
+    };
+    let buffered = buf.len().min(n);
+    let mut left = n - buffered;
+    let (mut put, mut written) = if buffered == 0 {
+        // Usual after a spliced write: only the next header was read.
+        (put, Ok(()))
+    } else {
+        let prefix = buf.split_to(buffered).freeze();
+        let last = left == 0;
+        step(target.inline, put, move |p| p.absorb_slice(&prefix, last)).await?
+    };
+    let mut spliced = 0u64;
+    while left > 0 && written.is_ok() {
+        let max = left.min(put.pipe.capacity);
+        let got = poll_fn(|cx| rd.poll_splice(cx, put.pipe.write.as_fd(), max)).await?;
+        if got == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "client closed the connection inside a write payload",
+            ));
+        }
+        left -= got;
+        spliced += got as u64;
+        let last = left == 0;
+        (put, written) = step(target.inline, put, move |p| p.absorb_pipe(got, last)).await?;
+    }
+    match written {
+        Ok(()) => {
+            put.pipe.give_back();
+            Ok(Ok(spliced))
+        }
+        Err(e) => {
+            // The pipe may still hold bytes: it is closed with `put`.
+            drop(put);
+            super::transmission::discard(rd, buf, left as u64).await?;
+            Ok(Err(e))
+        }
+    }
+}
+
+/// Runs `f` where writes to the file may run now: here, or on the blocking pool while the
+/// kernel makes them wait.
+async fn step<F>(inline: &InlineWrites, mut put: Put, f: F) -> io::Result<(Put, io::Result<()>)>
+where
+    F: FnOnce(&mut Put) -> io::Result<()> + Send + 'static,
+{
+    if !inline.paused() {
+        let r = inline.run(|| f(&mut put));
+        return Ok((put, r));
+    }
+    tokio::task::spawn_blocking(move || {
+        let r = f(&mut put);
+        (put, r)
+    })
+    .await
+    .map_err(io::Error::other)
+}
+
+/// Where a payload is being put: bytes go to `file` at `pos`, after the `carry`ied ones.
+struct Put {
+    file: Arc<File>,
+    pipe: Pipe,
+    /// Where the first byte not yet written goes.
+    pos: u64,
+    /// Bytes received but not yet written, because their block is not complete: from `pos`
+    /// up to, never across, the next multiple of [`BLOCK`].
+    carry: Vec<u8>,
+}
+
+impl Put {
+    /// Where, with `more` bytes received after those held, writing stops for now: at the end
+    /// of the last whole block, or at the end with the `last` bytes of the payload.
+    fn cut(&self, more: usize, last: bool) -> (u64, u64) {
+        let end = self.pos + self.carry.len() as u64 + more as u64;
+        (if last { end } else { end / BLOCK * BLOCK }, end)
+    }
+
+    /// Puts the carried bytes in the file, where they go.
+    fn write_carry(&mut self) -> io::Result<()> {
+        self.file.write_all_at(&self.carry, self.pos)?;
+        self.pos += self.carry.len() as u64;
+        self.carry.clear();
+        Ok(())
+    }
+
+    /// Takes bytes already in memory (those the connection had read with a request header).
+    fn absorb_slice(&mut self, bytes: &[u8], last: bool) -> io::Result<()> {
+        let (cut, _) = self.cut(bytes.len(), last);
+        let held = self.pos + self.carry.len() as u64;
+        if cut <= held {
+            self.carry.extend_from_slice(bytes);
+            return Ok(());
+        }
+        self.write_carry()?;
+        let (now, rest) = bytes.split_at((cut - self.pos) as usize);
+        self.file.write_all_at(now, self.pos)?;
+        self.pos = cut;
+        self.carry.extend_from_slice(rest);
+        Ok(())
+    }
+
+    /// Takes the `got` bytes in the pipe, leaving it empty unless it fails.
+    fn absorb_pipe(&mut self, got: usize, last: bool) -> io::Result<()> {
+        let (cut, end) = self.cut(got, last);
+        let held = self.pos + self.carry.len() as u64;
+        if cut <= held {
+            return read_pipe(&self.pipe, &mut self.carry, got);
+        }
+        self.write_carry()?;
+        splice_to_file(&self.pipe, &self.file, self.pos, (cut - self.pos) as usize)?;
+        self.pos = cut;
+        read_pipe(&self.pipe, &mut self.carry, (end - cut) as usize)
+    }
+}
+
+/// Tests: splicing into a file fails with `EINVAL`, as on a file system that cannot.
+#[cfg(test)]
+static REFUSE_SPLICE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+/// Tests: how many times spliced bytes were copied out instead.
+#[cfg(test)]
+static COPIED_OUT: AtomicUsize = AtomicUsize::new(0);
+
+/// `splice` from the pipe into the file.
+fn splice_out(pipe: &Pipe, file: &File, pos: &mut u64, n: usize) -> rustix::io::Result<usize> {
+    #[cfg(test)]
+    if REFUSE_SPLICE.load(Ordering::Relaxed) {
+        return Err(rustix::io::Errno::INVAL);
+    }
+    rustix::pipe::splice(&pipe.read, None, file, Some(pos), n, SpliceFlags::MOVE)
+}
+
+/// Moves `n` bytes from `pipe` into `file` at `pos`.
+fn splice_to_file(pipe: &Pipe, file: &File, mut pos: u64, mut n: usize) -> io::Result<()> {
+    while n > 0 {
+        match splice_out(pipe, file, &mut pos, n) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(k) => n -= k,
+            // A file system that cannot take spliced pages: copy them out and write them.
+            Err(rustix::io::Errno::INVAL) => {
+                #[cfg(test)]
+                COPIED_OUT.fetch_add(1, Ordering::Relaxed);
+                let mut bytes = Vec::with_capacity(n);
+                read_pipe(pipe, &mut bytes, n)?;
+                return file.write_all_at(&bytes, pos);
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+/// Appends the next `n` bytes of `pipe`, which holds at least that many, to `out`.
+fn read_pipe(pipe: &Pipe, out: &mut Vec<u8>, n: usize) -> io::Result<()> {
+    let start = out.len();
+    out.resize(start + n, 0);
+    let mut at = start;
+    while at < out.len() {
+        match rustix::io::read(&pipe.read, &mut out[at..]) {
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(k) => at += k,
+            Err(e) => {
+                out.truncate(start);
+                return Err(e.into());
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::block::inline::InlineWrites;
+    use bytes::BufMut;
+    use std::os::fd::AsRawFd;
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+
+    fn pattern(len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i * 7 + i / 4096) as u8).collect()
+    }
+
+    /// A connected pair: the server's read half, and the client.
+    async fn pair() -> (tokio::net::tcp::OwnedReadHalf, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (server, _) = l.accept().await.unwrap();
+        let (rd, wr) = server.into_split();
+        std::mem::forget(wr);
+        (rd, client)
+    }
+
+    /// The client sends `pieces` of `bytes` with pauses, so that they arrive one by one, then
+    /// `after`.
+    fn send(mut client: TcpStream, bytes: Vec<u8>, pieces: &[usize], after: &'static [u8]) {
+        let pieces = pieces.to_vec();
+        tokio::spawn(async move {
+            let mut at = 0;
+            for p in pieces {
+                client.write_all(&bytes[at..at + p]).await.unwrap();
+                at += p;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            client.write_all(&bytes[at..]).await.unwrap();
+            client.write_all(after).await.unwrap();
+            // Keep the socket open until the reader is done.
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        });
+    }
+
+    fn image(dir: &std::path::Path, len: usize) -> std::path::PathBuf {
+        let p = dir.join("img");
+        std::fs::write(&p, vec![0xeeu8; len]).unwrap();
+        p
+    }
+
+    fn scratch(tag: &str) -> std::path::PathBuf {
+        let d = std::env::temp_dir().join(format!("nbd-rs-splice-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    /// Reads the `NEXT` the client sent after the payload: the stream is in step.
+    async fn next_four(rd: &mut tokio::net::tcp::OwnedReadHalf, buf: &mut BytesMut) -> Vec<u8> {
+        while buf.len() < 4 {
+            assert!(rd.read_buf(buf).await.unwrap() > 0, "stream ended");
+        }
+        buf.split_to(4).to_vec()
+    }
+
+    /// On the async worker, and on the blocking pool as while the kernel makes writes wait.
+    #[tokio::test]
+    async fn a_payload_arriving_in_pieces_lands_whole_at_an_unaligned_offset() {
+        for paused in [false, true] {
+            let dir = scratch(if paused { "pieces-paused" } else { "pieces" });
+            let path = image(&dir, 2 << 20);
+            let file = Arc::new(std::fs::OpenOptions::new().write(true).open(&path).unwrap());
+            let inline = InlineWrites::default();
+            if paused {
+                inline.pause();
+            }
+            let n = (1 << 20) + 1234;
+            let data = pattern(n);
+            let (mut rd, client) = pair().await;
+            send(
+                client,
+                data.clone(),
+                &[1000, 3000, 5000, 100_000, 1, 300_000],
+                b"NEXT",
+            );
+            // What came with the request header: the first 1000 bytes.
+            let mut buf = BytesMut::new();
+            while buf.len() < 1000 {
+                let want = 1000 - buf.len();
+                rd.read_buf(&mut (&mut buf).limit(want)).await.unwrap();
+            }
+            let target = WriteTarget {
+                file: &file,
+                offset: 1001,
+                inline: &inline,
+            };
+            let spliced = splice_payload(&mut rd, &mut buf, &target, Pipe::take().unwrap(), n)
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(
+                spliced,
+                (n - 1000) as u64,
+                "all but the buffered bytes spliced"
+            );
+            assert_eq!(next_four(&mut rd, &mut buf).await, b"NEXT");
+            let disk = std::fs::read(&path).unwrap();
+            assert!(disk[..1001].iter().all(|&b| b == 0xee), "before the write");
+            assert!(disk[1001..1001 + n] == data[..], "the write");
+            assert!(
+                disk[1001 + n..].iter().all(|&b| b == 0xee),
+                "after the write"
+            );
+            std::fs::remove_dir_all(dir).unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn a_file_that_refuses_the_write_fails_it_and_the_rest_of_the_payload_is_dropped() {
+        let dir = scratch("refused");
+        let path = image(&dir, 1 << 20);
+        // Opened for reading only: every write to it fails with EBADF.
+        let file = Arc::new(std::fs::File::open(&path).unwrap());
+        let inline = InlineWrites::default();
+        let n = 600 * 1024;
+        let (mut rd, client) = pair().await;
+        send(client, pattern(n), &[5000, 20_000], b"NEXT");
+        let target = WriteTarget {
+            file: &file,
+            offset: 0,
+            inline: &inline,
+        };
+        let mut buf = BytesMut::new();
+        let e = splice_payload(&mut rd, &mut buf, &target, Pipe::take().unwrap(), n)
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EBADF), "{e}");
+        assert_eq!(next_four(&mut rd, &mut buf).await, b"NEXT");
+        assert!(std::fs::read(&path).unwrap().iter().all(|&b| b == 0xee));
+        // A good write after the failed one lands.
+        let file = Arc::new(std::fs::OpenOptions::new().write(true).open(&path).unwrap());
+        let (mut rd, client) = pair().await;
+        let data = pattern(n);
+        send(client, data.clone(), &[7000], b"NEXT");
+        let target = WriteTarget {
+            file: &file,
+            offset: 4096,
+            inline: &inline,
+        };
+        splice_payload(&mut rd, &mut buf, &target, Pipe::take().unwrap(), n)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(next_four(&mut rd, &mut buf).await, b"NEXT");
+        assert!(std::fs::read(&path).unwrap()[4096..4096 + n] == data[..]);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_client_gone_partway_leaves_whole_blocks_written_and_the_rest_untouched() {
+        let dir = scratch("gone");
+        let path = image(&dir, 1 << 20);
+        let file = Arc::new(std::fs::OpenOptions::new().write(true).open(&path).unwrap());
+        let inline = InlineWrites::default();
+        let data = pattern(10_000);
+        let (mut rd, mut client) = pair().await;
+        tokio::spawn(async move {
+            for piece in [&data[..3000], &data[3000..]] {
+                client.write_all(piece).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        });
+        let target = WriteTarget {
+            file: &file,
+            offset: 1000,
+            inline: &inline,
+        };
+        let mut buf = BytesMut::new();
+        let e = splice_payload(
+            &mut rd,
+            &mut buf,
+            &target,
+            Pipe::take().unwrap(),
+            256 * 1024,
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof, "{e}");
+        let disk = std::fs::read(&path).unwrap();
+        let data = pattern(10_000);
+        // Bytes 1000..11000 came; the blocks up to 8192 were complete and were written.
+        assert!(disk[1000..8192] == data[..7192], "complete blocks written");
+        assert!(disk[..1000].iter().all(|&b| b == 0xee));
+        assert!(
+            disk[8192..].iter().all(|&b| b == 0xee),
+            "the incomplete block is not"
+        );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_file_system_that_cannot_take_spliced_pages_gets_them_copied() {
+        let dir = scratch("einval");
+        let path = image(&dir, 2 << 20);
+        let file = Arc::new(std::fs::OpenOptions::new().write(true).open(&path).unwrap());
+        let inline = InlineWrites::default();
+        let n = 1 << 20;
+        let data = pattern(n);
+        let (mut rd, client) = pair().await;
+        send(client, data.clone(), &[4096, 70_000], b"NEXT");
+        let target = WriteTarget {
+            file: &file,
+            offset: 512,
+            inline: &inline,
+        };
+        let mut buf = BytesMut::new();
+        let before = COPIED_OUT.load(Ordering::Relaxed);
+        REFUSE_SPLICE.store(true, Ordering::Relaxed);
+        let r = splice_payload(&mut rd, &mut buf, &target, Pipe::take().unwrap(), n).await;
+        REFUSE_SPLICE.store(false, Ordering::Relaxed);
+        assert_eq!(r.unwrap().unwrap(), n as u64);
+        assert!(
+            COPIED_OUT.load(Ordering::Relaxed) > before,
+            "the copying path ran"
+        );
+        assert_eq!(next_four(&mut rd, &mut buf).await, b"NEXT");
+        assert!(std::fs::read(&path).unwrap()[512..512 + n] == data[..]);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_pool_makes_at_most_its_pipes_and_reuses_those_given_back() {
+        let pool: &'static Pool = Box::leak(Box::new(Pool::new(3)));
+        let mut taken: Vec<Pipe> = (0..3).map(|_| pool.take().unwrap()).collect();
+        assert!(taken.iter().all(|p| p.capacity >= 4096));
+        let e = pool.take().unwrap_err();
+        assert_eq!(e.to_string(), "every pipe is in use");
+        let back = taken.pop().unwrap();
+        let fd = back.read.as_raw_fd();
+        back.give_back();
+        let again = pool.take().unwrap();
+        assert_eq!(again.read.as_raw_fd(), fd, "the idle pipe is reused");
+        again.give_back();
+        drop(taken);
+        assert_eq!(pool.live.load(Ordering::Relaxed), 1, "the idle one");
+        let _more: Vec<Pipe> = (0..3).map(|_| pool.take().unwrap()).collect();
+    }
+
+    /// TCP's `splice` stops at urgent data for good: the connection ends with a message
+    /// instead of waiting for ever for bytes it cannot take.
+    #[tokio::test]
+    async fn urgent_data_inside_a_payload_ends_the_connection() {
+        let dir = scratch("urgent");
+        let path = image(&dir, 1 << 20);
+        let file = Arc::new(std::fs::OpenOptions::new().write(true).open(&path).unwrap());
+        let inline = InlineWrites::default();
+        let (mut rd, mut client) = pair().await;
+        client.write_all(&pattern(1000)).await.unwrap();
+        rustix::net::send(&client, b"!", rustix::net::SendFlags::OOB).unwrap();
+        client.write_all(&pattern(1000)).await.unwrap();
+        let target = WriteTarget {
+            file: &file,
+            offset: 0,
+            inline: &inline,
+        };
+        let mut buf = BytesMut::new();
+        let pipe = Pipe::take().unwrap();
+        let e = tokio::time::timeout(
+            Duration::from_secs(10),
+            splice_payload(&mut rd, &mut buf, &target, pipe, 100_000),
+        )
+        .await
+        .expect("the connection hangs")
+        .unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+        assert_eq!(
+            e.to_string(),
+            "the client sent urgent (out-of-band) data inside a write payload"
+        );
+        drop(client);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// Bytes that arrive while a splice runs find it already ended ("would block"): they are
+    /// not mistaken for urgent data, and the payload lands whole.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_payload_trickling_in_small_sends_lands_whole() {
+        let dir = scratch("trickle");
+        let n = 8 << 20;
+        let path = image(&dir, n);
+        let file = Arc::new(std::fs::OpenOptions::new().write(true).open(&path).unwrap());
+        let inline = InlineWrites::default();
+        let data = pattern(n);
+        let (mut rd, mut client) = pair().await;
+        client.set_nodelay(true).unwrap();
+        let sent = data.clone();
+        tokio::spawn(async move {
+            for piece in sent.chunks(1000) {
+                client.write_all(piece).await.unwrap();
+            }
+            tokio::time::sleep(Duration::from_secs(30)).await;
+        });
+        let target = WriteTarget {
+            file: &file,
+            offset: 0,
+            inline: &inline,
+        };
+        let mut buf = BytesMut::new();
+        let pipe = Pipe::take().unwrap();
+        let spliced = splice_payload(&mut rd, &mut buf, &target, pipe, n)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(spliced, n as u64);
+        assert!(std::fs::read(&path).unwrap() == data);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}
