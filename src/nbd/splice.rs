@@ -7,15 +7,19 @@
 //! MiB, and a quarter more throughput).
 //!
 //! A write takes a pipe from a small pool for the time of its payload and gives it back empty.
-//! Each step moves what the socket holds into the pipe, then everything in the pipe out: into
+//! Each step moves what the socket holds into the pipe, then the pipe's whole blocks out: into
 //! the file on the async worker, as other small writes do (`block::inline`), or on the blocking
 //! pool while the kernel is making writes to that file wait.
 //!
 //! Only whole 4 KiB blocks of the file ([`BLOCK`]) are written before the payload has all
-//! arrived: the bytes of a block not yet complete are carried (at most 4 KiB, copied) and
-//! written with the rest of their block. So a client that goes away partway through a payload
-//! leaves each block of the file either as it was or as it was being written, as a disk does
-//! with its sectors when the power goes during a write; it was never told that write was done.
+//! arrived: the bytes of a block not yet complete stay in the pipe, and are written with the
+//! rest of their block. So a client that goes away partway through a payload leaves each
+//! block of the file either as it was or as it was being written, as a disk does with its
+//! sectors when the power goes during a write; it was never told that write was done.
+//!
+//! A pipe holds a number of pages, not of bytes, and a few bytes may take a page each: when a
+//! splice finds no room, the bytes waiting in the pipe are copied out to memory (at most one
+//! block's worth), and the splice is tried again with the pipe empty.
 
 use std::fs::File;
 use std::future::poll_fn;
@@ -53,7 +57,7 @@ const MAX_PIPES: usize = 32;
 const IDLE_PIPES: usize = 16;
 
 /// The server's pipes.
-static PIPES: Pool = Pool::new(MAX_PIPES);
+static PIPES: Pool = Pool::new(MAX_PIPES, PIPE_BYTES);
 
 /// A bounded set of pipes.
 #[derive(Debug)]
@@ -64,14 +68,17 @@ struct Pool {
     live: AtomicUsize,
     /// How many may.
     max: usize,
+    /// The size each asks for.
+    pipe_bytes: usize,
 }
 
 impl Pool {
-    const fn new(max: usize) -> Pool {
+    const fn new(max: usize, pipe_bytes: usize) -> Pool {
         Pool {
             idle: Mutex::new(Vec::new()),
             live: AtomicUsize::new(0),
             max,
+            pipe_bytes,
         }
     }
 
@@ -96,7 +103,7 @@ impl Pool {
             capacity: 0,
             pool: self,
         };
-        pipe.capacity = match rustix::pipe::fcntl_setpipe_size(&pipe.write, PIPE_BYTES) {
+        pipe.capacity = match rustix::pipe::fcntl_setpipe_size(&pipe.write, self.pipe_bytes) {
             Ok(n) => n,
             // Over the user's allowance: the pipe keeps the size it was given.
             Err(_) => rustix::pipe::fcntl_getpipe_size(&pipe.write)?,
@@ -105,7 +112,8 @@ impl Pool {
     }
 }
 
-/// A pipe, owned by one write at a time. Empty whenever it is not in a step.
+/// A pipe, owned by one write at a time: empty when it goes back to its pool, and between steps
+/// holding at most the bytes of one incomplete block.
 #[derive(Debug)]
 pub struct Pipe {
     read: OwnedFd,
@@ -147,13 +155,16 @@ pub trait RequestReader: AsyncRead + Unpin + Send + 'static {
         false
     }
 
-    /// Moves up to `max` bytes into `pipe`, which has room for them, when the socket has some;
-    /// `Ok(0)` at end of stream.
+    /// Moves up to `max` bytes into `pipe`, which holds `held` bytes, when the socket has some;
+    /// `Ok(0)` at end of stream. If the pipe takes nothing while the socket has bytes, it is
+    /// full of pages: `make_room` empties it, and the splice is tried again.
     fn poll_splice(
         &mut self,
         _cx: &mut Context<'_>,
         _pipe: BorrowedFd<'_>,
         _max: usize,
+        _held: usize,
+        _make_room: &mut dyn FnMut() -> io::Result<()>,
     ) -> Poll<io::Result<usize>> {
         Poll::Ready(Err(io::ErrorKind::Unsupported.into()))
     }
@@ -172,15 +183,31 @@ macro_rules! socket_request_reader {
                 cx: &mut Context<'_>,
                 pipe: BorrowedFd<'_>,
                 max: usize,
+                held: usize,
+                make_room: &mut dyn FnMut() -> io::Result<()>,
             ) -> Poll<io::Result<usize>> {
                 let sock: &$stream = self.as_ref();
+                let mut held = held;
                 loop {
                     ready!(sock.poll_read_ready(cx))?;
                     let flags = SpliceFlags::NONBLOCK | SpliceFlags::MOVE;
                     match sock.try_io(Interest::READABLE, || {
-                        match rustix::pipe::splice(sock, None, pipe, None, max, flags) {
-                            Err(rustix::io::Errno::AGAIN) => urgent_or_empty(sock.as_fd()),
-                            r => r.map_err(io::Error::from),
+                        loop {
+                            match rustix::pipe::splice(sock, None, pipe, None, max, flags) {
+                                Err(rustix::io::Errno::AGAIN)
+                                    if held > 0
+                                        && rustix::io::ioctl_fionread(sock)
+                                            .is_ok_and(|n| n > 0) =>
+                                {
+                                    // The pipe is full: try again with it empty.
+                                    make_room().map_err(io::Error::other)?;
+                                    held = 0;
+                                }
+                                Err(rustix::io::Errno::AGAIN) => {
+                                    return urgent_or_empty(sock.as_fd());
+                                }
+                                r => return r.map_err(io::Error::from),
+                            }
                         }
                     }) {
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
@@ -192,7 +219,7 @@ macro_rules! socket_request_reader {
     };
 }
 
-/// Why a splice from a socket, into a pipe with room, would block: the socket is empty
+/// Why a splice from a socket, into an empty pipe, would block: the socket is empty
 /// (`WouldBlock`), or its next byte is TCP urgent data, where `splice` stops for good (`recv`
 /// would skip the urgent byte, and the stream would no longer make sense either).
 fn urgent_or_empty(sock: BorrowedFd<'_>) -> io::Result<usize> {
@@ -257,6 +284,7 @@ pub async fn splice_payload<R: RequestReader>(
         pipe,
         pos: target.offset,
         carry: Vec::new(),
+        in_pipe: 0,
     };
     let buffered = buf.len().min(n);
     let mut left = n - buffered;
@@ -270,8 +298,25 @@ pub async fn splice_payload<R: RequestReader>(
     };
     let mut spliced = 0u64;
     while left > 0 && written.is_ok() {
-        let max = left.min(put.pipe.capacity);
-        let got = poll_fn(|cx| rd.poll_splice(cx, put.pipe.write.as_fd(), max)).await?;
+        let max = left.min(put.pipe.capacity - put.in_pipe);
+        let got = {
+            let Put {
+                pipe,
+                carry,
+                in_pipe,
+                ..
+            } = &mut put;
+            let pipe: &Pipe = pipe;
+            let held = *in_pipe;
+            let mut make_room = || -> io::Result<()> {
+                read_pipe(pipe, carry, *in_pipe)?;
+                *in_pipe = 0;
+                #[cfg(test)]
+                ROOM_MADE.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            };
+            poll_fn(|cx| rd.poll_splice(cx, pipe.write.as_fd(), max, held, &mut make_room)).await?
+        };
         if got == 0 {
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
@@ -315,23 +360,27 @@ where
     .map_err(io::Error::other)
 }
 
-/// Where a payload is being put: bytes go to `file` at `pos`, after the `carry`ied ones.
+/// Where a payload is being put: bytes go to `file` at `pos`: first the `carry`ied ones, then
+/// those waiting in the pipe.
 struct Put {
     file: Arc<File>,
     pipe: Pipe,
     /// Where the first byte not yet written goes.
     pos: u64,
-    /// Bytes received but not yet written, because their block is not complete: from `pos`
-    /// up to, never across, the next multiple of [`BLOCK`].
+    /// Bytes received but not yet written, held in memory (those read with the request header,
+    /// or moved out of the pipe to make room). With those in the pipe, they run from `pos` up
+    /// to, never across, the next multiple of [`BLOCK`].
     carry: Vec<u8>,
+    /// Bytes in the pipe, after the carried ones.
+    in_pipe: usize,
 }
 
 impl Put {
-    /// Where, with `more` bytes received after those held, writing stops for now: at the end
-    /// of the last whole block, or at the end with the `last` bytes of the payload.
-    fn cut(&self, more: usize, last: bool) -> (u64, u64) {
-        let end = self.pos + self.carry.len() as u64 + more as u64;
-        (if last { end } else { end / BLOCK * BLOCK }, end)
+    /// Where writing stops for now, with `more` bytes received after those held: at the end of
+    /// the last whole block, or at the end with the `last` bytes of the payload.
+    fn cut(&self, more: usize, last: bool) -> u64 {
+        let end = self.pos + (self.carry.len() + self.in_pipe + more) as u64;
+        if last { end } else { end / BLOCK * BLOCK }
     }
 
     /// Puts the carried bytes in the file, where they go.
@@ -342,11 +391,12 @@ impl Put {
         Ok(())
     }
 
-    /// Takes bytes already in memory (those the connection had read with a request header).
+    /// Takes bytes already in memory (those the connection had read with a request header),
+    /// before any in the pipe.
     fn absorb_slice(&mut self, bytes: &[u8], last: bool) -> io::Result<()> {
-        let (cut, _) = self.cut(bytes.len(), last);
-        let held = self.pos + self.carry.len() as u64;
-        if cut <= held {
+        debug_assert_eq!(self.in_pipe, 0);
+        let cut = self.cut(bytes.len(), last);
+        if cut <= self.pos + self.carry.len() as u64 {
             self.carry.extend_from_slice(bytes);
             return Ok(());
         }
@@ -358,23 +408,28 @@ impl Put {
         Ok(())
     }
 
-    /// Takes the `got` bytes in the pipe, leaving it empty unless it fails.
+    /// Takes the `got` bytes just moved into the pipe, writing every whole block held.
     fn absorb_pipe(&mut self, got: usize, last: bool) -> io::Result<()> {
-        let (cut, end) = self.cut(got, last);
-        let held = self.pos + self.carry.len() as u64;
-        if cut <= held {
-            return read_pipe(&self.pipe, &mut self.carry, got);
+        let cut = self.cut(got, last);
+        self.in_pipe += got;
+        if cut <= self.pos + self.carry.len() as u64 {
+            return Ok(());
         }
         self.write_carry()?;
-        splice_to_file(&self.pipe, &self.file, self.pos, (cut - self.pos) as usize)?;
+        let n = (cut - self.pos) as usize;
+        splice_to_file(&self.pipe, &self.file, self.pos, n)?;
+        self.in_pipe -= n;
         self.pos = cut;
-        read_pipe(&self.pipe, &mut self.carry, (end - cut) as usize)
+        Ok(())
     }
 }
 
 /// Tests: splicing into a file fails with `EINVAL`, as on a file system that cannot.
 #[cfg(test)]
 static REFUSE_SPLICE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+/// Tests: how many times bytes waiting in a pipe were moved out to make room.
+#[cfg(test)]
+static ROOM_MADE: AtomicUsize = AtomicUsize::new(0);
 /// Tests: how many times spliced bytes were copied out instead.
 #[cfg(test)]
 static COPIED_OUT: AtomicUsize = AtomicUsize::new(0);
@@ -657,7 +712,7 @@ mod tests {
 
     #[test]
     fn a_pool_makes_at_most_its_pipes_and_reuses_those_given_back() {
-        let pool: &'static Pool = Box::leak(Box::new(Pool::new(3)));
+        let pool: &'static Pool = Box::leak(Box::new(Pool::new(3, PIPE_BYTES)));
         let mut taken: Vec<Pipe> = (0..3).map(|_| pool.take().unwrap()).collect();
         assert!(taken.iter().all(|p| p.capacity >= 4096));
         let e = pool.take().unwrap_err();
@@ -740,6 +795,54 @@ mod tests {
             .unwrap();
         assert_eq!(spliced, n as u64);
         assert!(std::fs::read(&path).unwrap() == data);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// A one-page pipe is full with the few bytes of an incomplete block: they are moved out
+    /// to make room, and the payload still lands whole.
+    #[tokio::test]
+    async fn bytes_waiting_in_a_full_pipe_are_moved_out_to_make_room() {
+        let dir = scratch("room");
+        let n = 256 * 1024;
+        let path = image(&dir, n + 8192);
+        let file = Arc::new(std::fs::OpenOptions::new().write(true).open(&path).unwrap());
+        let inline = InlineWrites::default();
+        let data = pattern(n);
+        let (mut rd, client) = pair().await;
+        send(
+            client,
+            data.clone(),
+            &[100, 400, 5000, 3000, 100, 20_000],
+            b"NEXT",
+        );
+        // The first 100 bytes came with the request header: they are carried in memory, and
+        // the 400 after them wait in the pipe, short of their block's end.
+        let mut buf = BytesMut::new();
+        while buf.len() < 100 {
+            let want = 100 - buf.len();
+            rd.read_buf(&mut (&mut buf).limit(want)).await.unwrap();
+        }
+        let pool: &'static Pool = Box::leak(Box::new(Pool::new(1, 4096)));
+        let pipe = pool.take().unwrap();
+        assert_eq!(pipe.capacity, rustix::param::page_size(), "a one-page pipe");
+        let target = WriteTarget {
+            file: &file,
+            offset: 3000,
+            inline: &inline,
+        };
+        let before = ROOM_MADE.load(Ordering::Relaxed);
+        let spliced = tokio::time::timeout(
+            Duration::from_secs(10),
+            splice_payload(&mut rd, &mut buf, &target, pipe, n),
+        )
+        .await
+        .expect("the write hangs on a full pipe")
+        .unwrap()
+        .unwrap();
+        assert_eq!(spliced, (n - 100) as u64);
+        assert!(ROOM_MADE.load(Ordering::Relaxed) > before, "room was made");
+        assert_eq!(next_four(&mut rd, &mut buf).await, b"NEXT");
+        assert!(std::fs::read(&path).unwrap()[3000..3000 + n] == data[..]);
         std::fs::remove_dir_all(dir).unwrap();
     }
 }
