@@ -25,6 +25,34 @@ fn file_server(dir: &Scratch, size: &str, read_only: bool) -> Server {
     Server::start(&["-e", "disk", "raw", &conn])
 }
 
+/// A 64 MiB image in `dir` served as `disk` over TCP and over a Unix socket, with `env`: the
+/// server, its two URIs, and the image's path.
+fn image_over_tcp_and_unix(
+    dir: &Scratch,
+    env: &[(String, String)],
+) -> (Server, [String; 2], std::path::PathBuf) {
+    let img = dir.path("disk.img");
+    let sock = dir.path("nbd.sock");
+    let unix = format!("unix:{}", sock.display());
+    let image = format!("file:{}?size=64MiB", img.display());
+    let args = [
+        "--listen",
+        "127.0.0.1:0",
+        "--listen",
+        &unix,
+        "-e",
+        "disk",
+        "raw",
+        &image,
+    ];
+    let s = Server::start_with_env(&args, env);
+    let uris = [
+        s.uri("disk"),
+        format!("nbd+unix:///disk?socket={}", sock.display()),
+    ];
+    (s, uris, img)
+}
+
 /// The value of a counter (`sendfile_bytes`, `spliced_bytes`) in each connection's closing line
 /// so far.
 fn closing_counts(s: &Server, field: &str) -> Vec<u64> {
@@ -197,27 +225,8 @@ fn conformance_sharded_memory_and_file() {
 #[test]
 fn large_file_reads_are_sent_from_the_page_cache_and_match_the_image() {
     let dir = Scratch::new("zero-copy");
-    let img = dir.path("disk.img");
-    let sock = dir.path("nbd.sock");
-    let unix = format!("unix:{}", sock.display());
-    let image = format!("file:{}?size=64MiB", img.display());
-    let s = Server::start_with_env(
-        &[
-            "--listen",
-            "127.0.0.1:0",
-            "--listen",
-            &unix,
-            "-e",
-            "disk",
-            "raw",
-            &image,
-        ],
-        &[("NBD_RS_SERVER__SENDFILE".into(), "always".into())],
-    );
-    let uris = [
-        s.uri("disk"),
-        format!("nbd+unix:///disk?socket={}", sock.display()),
-    ];
+    let (s, uris, img) =
+        image_over_tcp_and_unix(&dir, &[("NBD_RS_SERVER__SENDFILE".into(), "always".into())]);
     for uri in &uris {
         for mode in [&[][..], &["--no-structured"][..]] {
             let mut args = vec![uri.as_str(), img.to_str().unwrap()];
@@ -254,24 +263,7 @@ fn large_file_reads_are_sent_from_the_page_cache_and_match_the_image() {
 #[test]
 fn large_writes_are_spliced_into_an_image_file_and_land_intact() {
     let dir = Scratch::new("splice");
-    let img = dir.path("disk.img");
-    let sock = dir.path("nbd.sock");
-    let unix = format!("unix:{}", sock.display());
-    let image = format!("file:{}?size=64MiB", img.display());
-    let s = Server::start(&[
-        "--listen",
-        "127.0.0.1:0",
-        "--listen",
-        &unix,
-        "-e",
-        "disk",
-        "raw",
-        &image,
-    ]);
-    let uris = [
-        s.uri("disk"),
-        format!("nbd+unix:///disk?socket={}", sock.display()),
-    ];
+    let (s, uris, img) = image_over_tcp_and_unix(&dir, &[]);
     let mut copied = 0u64;
     let mut seed = 0x9e37_79b9_7f4a_7c15u64;
     for uri in &uris {
@@ -325,15 +317,7 @@ fn large_writes_are_spliced_into_an_image_file_and_land_intact() {
 #[test]
 fn local_clients_get_copied_reads_by_default() {
     let dir = Scratch::new("no-zero-copy");
-    let img = dir.path("disk.img");
-    let sock = dir.path("nbd.sock");
-    let unix = format!("unix:{}", sock.display());
-    let image = format!("file:{}?size=64MiB", img.display());
-    let s = Server::start(&["--listen", &unix, "-e", "disk", "raw", &image]);
-    let uris = [
-        s.uri("disk"),
-        format!("nbd+unix:///disk?socket={}", sock.display()),
-    ];
+    let (s, uris, img) = image_over_tcp_and_unix(&dir, &[]);
     for uri in &uris {
         let out = run_script(PY, "zero_copy.py", &[uri, img.to_str().unwrap()], LIMIT);
         assert_eq!(out.trim(), "checked 150 reads", "{uri}");

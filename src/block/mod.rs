@@ -324,13 +324,13 @@ pub trait BlockDevice: Send + Sync + fmt::Debug + 'static {
         None
     }
 
-    /// Where a write of `len` bytes at `offset`, without FUA, can be put by the connection
+    /// Where a write at `offset`, without FUA, can be put by the connection
     /// itself, straight from its socket (see [`WriteTarget`]). `None` (the default) means "call
     /// `write`": only a store whose bytes are the device's bytes answers. Bytes put there are
     /// as written as `write` would have left them: visible to every read, made durable by the
     /// next `flush`. A write whose payload stops coming partway may be left partly done, in
     /// whole 4 KiB blocks of the file.
-    fn write_target(&self, _offset: u64, _len: u32) -> Option<WriteTarget<'_>> {
+    fn write_target(&self, _offset: u64) -> Option<WriteTarget<'_>> {
         None
     }
 

@@ -487,6 +487,7 @@ mod tests {
     use crate::block::inline::InlineWrites;
     use bytes::BufMut;
     use std::os::fd::AsRawFd;
+    use std::path::PathBuf;
     use std::time::Duration;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::{TcpListener, TcpStream};
@@ -523,17 +524,26 @@ mod tests {
         });
     }
 
-    fn image(dir: &std::path::Path, len: usize) -> std::path::PathBuf {
-        let p = dir.join("img");
-        std::fs::write(&p, vec![0xeeu8; len]).unwrap();
-        p
+    /// A `len`-byte image of 0xee bytes in a new directory: the directory, the image's path,
+    /// and the image opened for writing.
+    fn image(tag: &str, len: usize) -> (PathBuf, PathBuf, Arc<File>) {
+        let dir = std::env::temp_dir().join(format!("nbd-rs-splice-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("img");
+        std::fs::write(&path, vec![0xeeu8; len]).unwrap();
+        let file = Arc::new(std::fs::OpenOptions::new().write(true).open(&path).unwrap());
+        (dir, path, file)
     }
 
-    fn scratch(tag: &str) -> std::path::PathBuf {
-        let d = std::env::temp_dir().join(format!("nbd-rs-splice-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        d
+    /// Reads the first `n` bytes of the payload, as if they had come with the request header.
+    async fn prefix(rd: &mut tokio::net::tcp::OwnedReadHalf, n: usize) -> BytesMut {
+        let mut buf = BytesMut::new();
+        while buf.len() < n {
+            let want = n - buf.len();
+            rd.read_buf(&mut (&mut buf).limit(want)).await.unwrap();
+        }
+        buf
     }
 
     /// Reads the `NEXT` the client sent after the payload: the stream is in step.
@@ -548,9 +558,7 @@ mod tests {
     #[tokio::test]
     async fn a_payload_arriving_in_pieces_lands_whole_at_an_unaligned_offset() {
         for paused in [false, true] {
-            let dir = scratch(if paused { "pieces-paused" } else { "pieces" });
-            let path = image(&dir, 2 << 20);
-            let file = Arc::new(std::fs::OpenOptions::new().write(true).open(&path).unwrap());
+            let (dir, path, file) = image(if paused { "pieces-paused" } else { "pieces" }, 2 << 20);
             let inline = InlineWrites::default();
             if paused {
                 inline.pause();
@@ -565,11 +573,7 @@ mod tests {
                 b"NEXT",
             );
             // What came with the request header: the first 1000 bytes.
-            let mut buf = BytesMut::new();
-            while buf.len() < 1000 {
-                let want = 1000 - buf.len();
-                rd.read_buf(&mut (&mut buf).limit(want)).await.unwrap();
-            }
+            let mut buf = prefix(&mut rd, 1000).await;
             let target = WriteTarget {
                 file: &file,
                 offset: 1001,
@@ -598,8 +602,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_file_that_refuses_the_write_fails_it_and_the_rest_of_the_payload_is_dropped() {
-        let dir = scratch("refused");
-        let path = image(&dir, 1 << 20);
+        let (dir, path, _) = image("refused", 1 << 20);
         // Opened for reading only: every write to it fails with EBADF.
         let file = Arc::new(std::fs::File::open(&path).unwrap());
         let inline = InlineWrites::default();
@@ -640,9 +643,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_client_gone_partway_leaves_whole_blocks_written_and_the_rest_untouched() {
-        let dir = scratch("gone");
-        let path = image(&dir, 1 << 20);
-        let file = Arc::new(std::fs::OpenOptions::new().write(true).open(&path).unwrap());
+        let (dir, path, file) = image("gone", 1 << 20);
         let inline = InlineWrites::default();
         let data = pattern(10_000);
         let (mut rd, mut client) = pair().await;
@@ -682,9 +683,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_file_system_that_cannot_take_spliced_pages_gets_them_copied() {
-        let dir = scratch("einval");
-        let path = image(&dir, 2 << 20);
-        let file = Arc::new(std::fs::OpenOptions::new().write(true).open(&path).unwrap());
+        let (dir, path, file) = image("einval", 2 << 20);
         let inline = InlineWrites::default();
         let n = 1 << 20;
         let data = pattern(n);
@@ -732,9 +731,7 @@ mod tests {
     /// instead of waiting for ever for bytes it cannot take.
     #[tokio::test]
     async fn urgent_data_inside_a_payload_ends_the_connection() {
-        let dir = scratch("urgent");
-        let path = image(&dir, 1 << 20);
-        let file = Arc::new(std::fs::OpenOptions::new().write(true).open(&path).unwrap());
+        let (dir, _, file) = image("urgent", 1 << 20);
         let inline = InlineWrites::default();
         let (mut rd, mut client) = pair().await;
         client.write_all(&pattern(1000)).await.unwrap();
@@ -767,10 +764,8 @@ mod tests {
     /// not mistaken for urgent data, and the payload lands whole.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_payload_trickling_in_small_sends_lands_whole() {
-        let dir = scratch("trickle");
         let n = 8 << 20;
-        let path = image(&dir, n);
-        let file = Arc::new(std::fs::OpenOptions::new().write(true).open(&path).unwrap());
+        let (dir, path, file) = image("trickle", n);
         let inline = InlineWrites::default();
         let data = pattern(n);
         let (mut rd, mut client) = pair().await;
@@ -802,10 +797,8 @@ mod tests {
     /// to make room, and the payload still lands whole.
     #[tokio::test]
     async fn bytes_waiting_in_a_full_pipe_are_moved_out_to_make_room() {
-        let dir = scratch("room");
         let n = 256 * 1024;
-        let path = image(&dir, n + 8192);
-        let file = Arc::new(std::fs::OpenOptions::new().write(true).open(&path).unwrap());
+        let (dir, path, file) = image("room", n + 8192);
         let inline = InlineWrites::default();
         let data = pattern(n);
         let (mut rd, client) = pair().await;
@@ -817,11 +810,7 @@ mod tests {
         );
         // The first 100 bytes came with the request header: they are carried in memory, and
         // the 400 after them wait in the pipe, short of their block's end.
-        let mut buf = BytesMut::new();
-        while buf.len() < 100 {
-            let want = 100 - buf.len();
-            rd.read_buf(&mut (&mut buf).limit(want)).await.unwrap();
-        }
+        let mut buf = prefix(&mut rd, 100).await;
         let pool: &'static Pool = Box::leak(Box::new(Pool::new(1, 4096)));
         let pipe = pool.take().unwrap();
         assert_eq!(pipe.capacity, rustix::param::page_size(), "a one-page pipe");

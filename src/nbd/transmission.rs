@@ -460,15 +460,15 @@ async fn splice_write<R: RequestReader>(
     {
         return Ok(None);
     }
+    // Asked first: most devices have no file to offer, and answer at once.
+    let Some(target) = session.export.device.write_target(req.offset) else {
+        return Ok(None);
+    };
     // An invalid request is refused the usual way, after its payload is read.
     let Ok(Op::Write {
         offset, fua: false, ..
     }) = validate(session, req, Bytes::new())
     else {
-        return Ok(None);
-    };
-    let dev = &session.export.device;
-    let Some(target) = dev.write_target(offset, req.payload as u32) else {
         return Ok(None);
     };
     let Ok(pipe) = splice::Pipe::take() else {
@@ -541,7 +541,7 @@ async fn read_some<R: AsyncRead + Unpin>(
 }
 
 /// Reads exactly `n` payload bytes, taking what is buffered first.
-pub(super) async fn read_payload<R: AsyncRead + Unpin>(
+async fn read_payload<R: AsyncRead + Unpin>(
     rd: &mut R,
     buf: &mut BytesMut,
     n: usize,

@@ -483,7 +483,7 @@ impl BlockDevice for FileImage {
         }
     }
 
-    fn write_target(&self, offset: u64, _len: u32) -> Option<WriteTarget<'_>> {
+    fn write_target(&self, offset: u64) -> Option<WriteTarget<'_>> {
         (!self.info.read_only).then_some(WriteTarget {
             file: &self.file,
             offset,
