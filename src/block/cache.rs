@@ -2312,9 +2312,14 @@ impl Shared {
         let shared = Arc::clone(self);
         let inline = self.inline.allowed(data.len());
         let write = move || {
-            let r = shared
-                .data
-                .write_all_at(&data, shared.slot_offset(slot) + start);
+            let at = shared.slot_offset(slot) + start;
+            // Only the write itself tells whether the kernel pushes back: time spent waiting for
+            // the state lock (its holder may be preempted on a busy machine) does not.
+            let r = if inline {
+                shared.inline.run(|| shared.data.write_all_at(&data, at))
+            } else {
+                shared.data.write_all_at(&data, at)
+            };
             let zeroness = match r {
                 Ok(()) => shared.zeroness(slot, start, &data, block_end),
                 Err(_) => Vec::new(),
@@ -2332,7 +2337,7 @@ impl Shared {
         };
         // A small write goes straight to the page cache, as on a raw image (`block::inline`).
         let result = if inline {
-            self.inline.run(write)
+            write()
         } else {
             blocking(write).await
         };
