@@ -206,6 +206,8 @@ const SECTOR: u64 = 512;
 const SYNC_INTERVAL: Duration = Duration::from_secs(1);
 /// How long a dirty block rests untouched before it is uploaded, unless dirty data is short.
 const WRITEBACK_DELAY: Duration = Duration::from_millis(200);
+/// The longest the uploader waits between looks at the dirty blocks.
+const UPLOADER_IDLE: Duration = Duration::from_secs(1);
 /// Backoff after a failed upload: doubling from the first to the last.
 const RETRY_FIRST: Duration = Duration::from_secs(1);
 const RETRY_LAST: Duration = Duration::from_secs(30);
@@ -1233,6 +1235,8 @@ struct State {
     released: bool,
     /// Something the index or the data file's durability depends on changed.
     sync_wanted: bool,
+    /// When the uploader will look at the dirty blocks next, unless kicked (None: not planned).
+    upload_wake: Option<Instant>,
     /// Generation of the last index sync.
     generation: u64,
     /// The flush journal's bookkeeping.
@@ -2331,8 +2335,12 @@ impl Shared {
                 st.journal
                     .wrote(block, start / SECTOR, end.div_ceil(SECTOR));
             }
+            let kick = r.is_err() || shared.upload_kick_needed(&st);
             drop(st);
             shared.changed.notify_waiters();
+            if kick {
+                shared.kick.notify_one();
+            }
             r.map(|()| seq)
         };
         // A small write goes straight to the page cache, as on a raw image (`block::inline`).
@@ -2341,7 +2349,6 @@ impl Shared {
         } else {
             blocking(write).await
         };
-        self.kick.notify_one();
         match result {
             Ok(seq) => Ok((id, seq)),
             Err(e) => {
@@ -2521,15 +2528,16 @@ impl Shared {
     /// those cached whole. A block still being written in pieces (recent and partial) is taken
     /// only if writers wait and nothing else can make room: uploading it now would cost a read
     /// below. Returns when to look again.
-    fn schedule_uploads(self: &Arc<Self>) -> Option<Duration> {
+    fn schedule_uploads(self: &Arc<Self>) -> Duration {
         let now = Instant::now();
         let mut st = self.lock();
+        st.upload_wake = None;
         #[cfg(test)]
         if self.background_paused.load(Ordering::SeqCst) {
-            return None;
+            return UPLOADER_IDLE;
         }
         if st.closed {
-            return None;
+            return UPLOADER_IDLE;
         }
         let waiting = self.waiting_writers.load(Ordering::SeqCst) > 0;
         // Journal records wait for the uploads of their blocks: at most `max_dirty` of them.
@@ -2581,11 +2589,28 @@ impl Shared {
             .into_iter()
             .filter_map(|block| self.start_upload(&mut st, block).and_then(|(_, new)| new))
             .collect();
+        let wait = next
+            .map_or(UPLOADER_IDLE, |t| t.saturating_duration_since(now))
+            .clamp(Duration::from_millis(1), UPLOADER_IDLE);
+        st.upload_wake = Some(now + wait);
         drop(st);
         for upload in started {
             upload.spawn();
         }
-        next.map(|t| t.saturating_duration_since(now))
+        wait
+    }
+
+    /// True if a write just finished must wake the uploader: under pressure, or when the
+    /// uploader's next look would come later than the written block is due. Otherwise the
+    /// uploader finds the block when it next looks anyway, and a stream of small writes does
+    /// not make it walk every dirty block once a write.
+    fn upload_kick_needed(&self, st: &State) -> bool {
+        let pressure = st.dirty_bytes.saturating_mul(2) >= self.max_dirty
+            || (st.journal.on && st.journal.live_bytes.saturating_mul(2) > self.max_dirty);
+        pressure
+            || st
+                .upload_wake
+                .is_none_or(|wake| wake > Instant::now() + WRITEBACK_DELAY)
     }
 
     /// Write-back TRIM and WRITE_ZEROES: whole blocks are passed down and their cached copies
@@ -3808,10 +3833,7 @@ async fn uploader(shared: Arc<Shared>) {
         if *shutdown.borrow() {
             return;
         }
-        let wait = shared
-            .schedule_uploads()
-            .unwrap_or(Duration::from_secs(1))
-            .clamp(Duration::from_millis(1), Duration::from_secs(1));
+        let wait = shared.schedule_uploads();
         tokio::select! {
             _ = shared.kick.notified() => {}
             _ = tokio::time::sleep(wait) => {}
@@ -4844,6 +4866,46 @@ mod tests {
             pattern(2, 3 * BS as usize)
         );
         assert_eq!(probe.writes(), 3);
+    }
+
+    #[tokio::test]
+    async fn writes_wake_the_uploader_only_when_it_would_look_too_late() {
+        let dir = tmp_dir("wb-kicks");
+        let probe = Probe::new(8 * BS);
+        let c = back(&probe, 8, &dir).await;
+        let s = &c.shared;
+        {
+            let mut st = s.lock();
+            st.upload_wake = None;
+            assert!(s.upload_kick_needed(&st), "no look planned");
+            st.upload_wake = Some(Instant::now() + UPLOADER_IDLE);
+            assert!(
+                s.upload_kick_needed(&st),
+                "a look later than a new block is due"
+            );
+            st.upload_wake = Some(Instant::now() + WRITEBACK_DELAY / 2);
+            assert!(!s.upload_kick_needed(&st), "a look before the block is due");
+            st.dirty_bytes = s.max_dirty / 2;
+            assert!(
+                s.upload_kick_needed(&st),
+                "dirty data short: every write wakes it"
+            );
+            st.dirty_bytes = 0;
+        }
+        // The first write wakes the uploader; the ones after it, to other blocks and within
+        // the delay, are found when it looks again.
+        for b in 0..3 {
+            c.write(b * BS, pattern(b as u8, BS as usize), false)
+                .await
+                .unwrap();
+        }
+        eventually("the uploader drains", || c.dirty_bytes() == 0).await;
+        for b in 0..3 {
+            assert_eq!(
+                read(&probe.mem, b * BS, BS as u32).await,
+                pattern(b as u8, BS as usize)
+            );
+        }
     }
 
     #[tokio::test]
