@@ -114,7 +114,10 @@
 //! record did. A slot whose record may still say dirty is not reused until a later sync has
 //! durably emptied that record, so a record never describes another block's data; and FLUSH and
 //! FUA sync the index after their uploads, so a surviving record never holds data older than
-//! what a FLUSH or FUA made durable below. After a kill -9, a power loss or a crash:
+//! what a FLUSH or FUA made durable below. A record is emptied only once the device below has
+//! been flushed after its block was uploaded (or dropped): a store that buffers writes, like
+//! `file`, may otherwise lose in a power loss a block that the index no longer names. After a
+//! kill -9, a power loss or a crash:
 //!
 //! - everything acknowledged before a successful FLUSH, and every FUA operation, is in the store
 //!   below, whatever happened to the local disk (with `flush = "local"`: in the slots recorded
@@ -1237,6 +1240,15 @@ struct State {
     sync_wanted: bool,
     /// When the uploader will look at the dirty blocks next, unless kicked (None: not planned).
     upload_wake: Option<Instant>,
+    /// Slots the index names dirty whose blocks no longer are (uploaded, or dropped after a
+    /// TRIM or zeroing passed down), with the number of flushes below begun by then: their
+    /// records are emptied only after a later one succeeded.
+    unwanted: HashMap<u32, u64>,
+    /// Some records wait for a flush below before they are emptied.
+    removals_held: bool,
+    /// Flushes of the device below begun, and the number of the latest that succeeded.
+    below_started: u64,
+    below_durable: u64,
     /// Generation of the last index sync.
     generation: u64,
     /// The flush journal's bookkeeping.
@@ -1324,6 +1336,9 @@ impl State {
             self.lru.remove(&e.tick);
         }
         let recorded = self.disk.contains_key(&e.slot);
+        if recorded {
+            self.unwanted.insert(e.slot, self.below_started);
+        }
         if e.pins == 0 {
             self.release_slot(e.slot);
         } else {
@@ -1466,6 +1481,9 @@ impl State {
             e.tick = tick;
             self.lru.insert(tick, block);
             self.sync_wanted = true;
+            if self.disk.contains_key(&e.slot) {
+                self.unwanted.insert(e.slot, self.below_started);
+            }
         }
     }
 
@@ -2366,9 +2384,11 @@ impl Shared {
             return self.journal_flush().await;
         }
         if self.flush_to == FlushTo::Local {
-            // The index sync records the blocks just written as dirty, data first.
-            self.sync_local(true).await?;
-            return self.inner.flush().await;
+            // Below first: what was passed down or uploaded before is durable there, so the
+            // index sync may let those records go. It records the blocks just written as
+            // dirty, data first.
+            self.flush_below().await?;
+            return self.sync_local(true).await;
         }
         let errors: Vec<BlockError> = futures::stream::iter(touched.iter().copied())
             .map(|(b, id, seq)| self.ensure_uploaded(b, id, seq))
@@ -2385,10 +2405,11 @@ impl Shared {
                 .values()
                 .any(|r| touched.iter().any(|t| t.0 == r.block))
         };
+        self.flush_below().await?;
         if recorded {
             self.sync_local(true).await?;
         }
-        self.inner.flush().await
+        Ok(())
     }
 
     /// Returns once content version `seq` of entry `id` of `block` (or a later one) is below,
@@ -2756,8 +2777,9 @@ impl Shared {
             return self.journal_flush().await;
         }
         if self.flush_to == FlushTo::Local {
-            self.sync_local(true).await?;
-            return self.inner.flush().await;
+            // Below first, as in `make_durable`.
+            self.flush_below().await?;
+            return self.sync_local(true).await;
         }
         self.flush_to_store().await
     }
@@ -2766,7 +2788,12 @@ impl Shared {
     /// cache is never older than what the journal holds) and a journal record of everything
     /// written since the last one, at once.
     async fn journal_flush(self: &Arc<Self>) -> Result<(), BlockError> {
-        let (local, committed) = tokio::join!(self.sync_local(true), self.commit());
+        let local = async {
+            // Below first, as in `make_durable`.
+            self.flush_below().await?;
+            self.sync_local(true).await
+        };
+        let (local, committed) = tokio::join!(local, self.commit());
         local?;
         committed
     }
@@ -3044,13 +3071,32 @@ impl Shared {
             .filter_map(|r| async move { r.err() })
             .collect()
             .await;
-        // Record what did upload even if something failed.
+        // Durable below, then the index lets their records go; even if something failed,
+        // for what did upload.
+        let below = self.flush_below().await;
         let synced = self.sync_local(false).await;
         if let Some(e) = errors.into_iter().next() {
             return Err(e);
         }
-        synced?;
-        self.inner.flush().await
+        below?;
+        synced
+    }
+
+    /// Flushes the device below, counting it for the records that wait for one (see
+    /// `local_sync`).
+    async fn flush_below(&self) -> Result<(), BlockError> {
+        let number = {
+            let mut st = self.lock();
+            st.below_started += 1;
+            st.below_started
+        };
+        self.inner.flush().await?;
+        let mut st = self.lock();
+        st.below_durable = st.below_durable.max(number);
+        if st.removals_held {
+            st.sync_wanted = true;
+        }
+        Ok(())
     }
 
     /// Runs the index sync on the blocking pool.
@@ -3112,11 +3158,25 @@ impl Shared {
                     writes.push((e.slot, Some(raw)));
                 }
             }
+            // A block no longer dirty was uploaded (or dropped) below; its record goes once a
+            // flush below that began after that succeeded, or a power loss could lose it. (A
+            // slot not marked when that happened is marked now, which is later: safe.)
+            let (below_started, below_durable) = (st.below_started, st.below_durable);
+            let mut held = false;
+            let State { disk, unwanted, .. } = &mut *st;
+            unwanted.retain(|slot, _| disk.contains_key(slot) && !wanted.contains(slot));
             for &slot in disk.keys() {
-                if !wanted.contains(&slot) {
+                if wanted.contains(&slot) {
+                    continue;
+                }
+                let seen = *unwanted.entry(slot).or_insert(below_started);
+                if below_durable > seen {
                     writes.push((slot, None));
+                } else {
+                    held = true;
                 }
             }
+            st.removals_held = held;
             (writes, generation)
         };
         let result = (|| {
@@ -3864,6 +3924,11 @@ async fn syncer(shared: Arc<Shared>) {
         }
         // A failure is logged; the next round tries again.
         let _ = shared.sync_local(false).await;
+        // Records of blocks uploaded since go once the device below has them durably.
+        let held = shared.lock().removals_held;
+        if held && shared.flush_below().await.is_ok() {
+            let _ = shared.sync_local(false).await;
+        }
         // Journal records whose blocks were all uploaded since are let go by the next record:
         // write one if no FLUSH has for a while. In its own task, one at a time, so that a
         // slow store never holds up the index syncs.
@@ -4217,6 +4282,8 @@ mod tests {
         held: AtomicU64,
         max_held: AtomicU64,
         fail_writes: AtomicBool,
+        /// Writes, trims and zeroings since the last flush began: a power loss may lose them.
+        unflushed: AtomicU64,
     }
 
     impl fmt::Debug for Probe {
@@ -4240,6 +4307,7 @@ mod tests {
                 held: AtomicU64::new(0),
                 max_held: AtomicU64::new(0),
                 fail_writes: AtomicBool::new(false),
+                unflushed: AtomicU64::new(0),
             })
         }
 
@@ -4334,16 +4402,23 @@ mod tests {
                 self.zero_writes.fetch_add(1, Ordering::SeqCst);
             }
             self.writes.fetch_add(1, Ordering::SeqCst);
+            if !fua {
+                self.unflushed.fetch_add(1, Ordering::SeqCst);
+            }
             let r = self.mem.write(offset, data, fua).await;
             self.jitter().await;
             r
         }
         async fn flush(&self) -> Result<(), BlockError> {
             self.flushes.fetch_add(1, Ordering::SeqCst);
+            self.unflushed.store(0, Ordering::SeqCst);
             self.mem.flush().await
         }
         async fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<(), BlockError> {
             self.zeroings.fetch_add(1, Ordering::SeqCst);
+            if !fua {
+                self.unflushed.fetch_add(1, Ordering::SeqCst);
+            }
             self.jitter().await;
             let r = self.mem.trim(offset, len, fua).await;
             self.jitter().await;
@@ -4356,6 +4431,9 @@ mod tests {
             flags: ZeroFlags,
         ) -> Result<(), BlockError> {
             self.zeroings.fetch_add(1, Ordering::SeqCst);
+            if !flags.fua {
+                self.unflushed.fetch_add(1, Ordering::SeqCst);
+            }
             self.jitter().await;
             let r = self.mem.write_zeroes(offset, len, flags).await;
             self.jitter().await;
@@ -4906,6 +4984,44 @@ mod tests {
                 pattern(b as u8, BS as usize)
             );
         }
+    }
+
+    #[tokio::test]
+    async fn an_uploaded_block_stays_recorded_until_the_device_below_is_flushed() {
+        let dir = tmp_dir("wb-below-durable");
+        let probe = Probe::new(8 * BS);
+        let p = CacheParams {
+            flush: FlushTo::Local,
+            ..params(8, CacheMode::WriteBack)
+        };
+        let c = open(&probe, p, &dir).await;
+        c.shared.syncer_paused.store(true, Ordering::SeqCst);
+        c.write(0, pattern(5, BS as usize), false).await.unwrap();
+        c.flush().await.unwrap();
+        assert_eq!(
+            c.shared.lock().disk.len(),
+            1,
+            "FLUSH recorded the block dirty"
+        );
+        eventually("the uploader drains", || c.dirty_bytes() == 0).await;
+        assert!(
+            probe.unflushed.load(Ordering::SeqCst) > 0,
+            "the upload is not durable below yet"
+        );
+        c.sync_index().await.unwrap();
+        assert_eq!(
+            c.shared.lock().disk.len(),
+            1,
+            "so a power loss now must still find the block in the cache"
+        );
+        c.flush().await.unwrap();
+        assert_eq!(probe.unflushed.load(Ordering::SeqCst), 0);
+        c.sync_index().await.unwrap();
+        assert!(
+            c.shared.lock().disk.is_empty(),
+            "once below has it durably, the record goes"
+        );
+        assert_quiet(&c).await;
     }
 
     #[tokio::test]
