@@ -45,8 +45,8 @@
 //! on the write path. Only a write that covers part of a 512-byte sector not yet cached completes
 //! the block first (rare: clients align to 512 bytes).
 //!
-//! FLUSH uploads every block that was dirty when it arrived, syncs the index, then flushes the
-//! device below; it fails (EIO) if any of those uploads failed, and the blocks stay dirty to be
+//! FLUSH uploads every block that was dirty when it arrived, flushes the device below, then
+//! syncs the index; it fails (EIO) if any of those uploads failed, and the blocks stay dirty to be
 //! retried later. FUA uploads the blocks of its request before it returns. That is, unless the
 //! device below keeps a journal (see The flush journal).
 //!
@@ -1246,7 +1246,7 @@ struct State {
     unwanted: HashMap<u32, u64>,
     /// Some records wait for a flush below before they are emptied.
     removals_held: bool,
-    /// Flushes of the device below begun, and the number of the latest that succeeded.
+    /// Flushes of the device below begun, and the highest number of one that succeeded.
     below_started: u64,
     below_durable: u64,
     /// Generation of the last index sync.
@@ -1337,7 +1337,12 @@ impl State {
         }
         let recorded = self.disk.contains_key(&e.slot);
         if recorded {
-            self.unwanted.insert(e.slot, self.below_started);
+            // A clean entry was marked when it went clean: that older mark still holds.
+            let mark = self.below_started;
+            let slot = self.unwanted.entry(e.slot).or_insert(mark);
+            if e.dirty {
+                *slot = mark;
+            }
         }
         if e.pins == 0 {
             self.release_slot(e.slot);
@@ -2712,6 +2717,9 @@ impl Shared {
             if let Some((w_first, w_last)) = dropped {
                 recorded = st.drop_range(w_first, w_last);
             }
+            // A record may also outlive its entry (evicted clean, its record waiting for a
+            // flush below): it names older data than the zeroing too.
+            recorded |= st.disk.values().any(|r| (first..=last).contains(&r.block));
             if lo < hi {
                 // In the same step as the drop: a capture sees both or neither.
                 st.journal.zeroed(lo, hi - lo, dropped);
@@ -2757,6 +2765,9 @@ impl Shared {
                 return self.journal_flush().await;
             }
             if recorded {
+                // The zeroing passed down must be durable before the records of the blocks it
+                // dropped go, or a crash would replay their older data over it.
+                self.flush_below().await?;
                 self.sync_local(true).await?;
             }
             if !touched.is_empty() {
@@ -2766,9 +2777,10 @@ impl Shared {
         Ok(())
     }
 
-    /// Write-back FLUSH: uploads every block dirty now, syncs the index, flushes below. With
-    /// `flush = "local"`, only syncs the index (which makes every write acknowledged so far
-    /// durable in the cache) and flushes below (for TRIMs and zeroing passed down).
+    /// Write-back FLUSH: uploads every block dirty now, flushes below, syncs the index. With
+    /// `flush = "local"`, only flushes below (for TRIMs and zeroing passed down, and so that
+    /// records of uploaded blocks may go) and syncs the index (which makes every write
+    /// acknowledged so far durable in the cache).
     async fn flush_back(self: &Arc<Self>) -> Result<(), BlockError> {
         if self.lock().released {
             return self.flush_to_store().await;
@@ -3043,7 +3055,7 @@ impl Shared {
         Ok(out)
     }
 
-    /// Uploads every block dirty now, syncs the index, flushes below.
+    /// Uploads every block dirty now, flushes below, syncs the index.
     async fn flush_to_store(self: &Arc<Self>) -> Result<(), BlockError> {
         let snapshot: Vec<(u64, u64, u64)> = {
             let st = self.lock();
@@ -5595,6 +5607,36 @@ mod tests {
         assert_eq!(below(BS, BS as u32), pattern(5, BS as usize));
         assert_eq!(below(3 * BS + 512, 1024), pattern(6, 1024));
         assert_eq!(below(5 * BS, 4096), pattern(7, 4096));
+    }
+
+    #[test]
+    fn a_fua_trim_of_a_recorded_block_is_not_undone_by_a_crash() {
+        let dir = tmp_dir("crash-fua-trim");
+        let probe = Probe::new(16 * BS);
+        let c = crashing(async {
+            let p = CacheParams {
+                flush: FlushTo::Local,
+                ..params(8, CacheMode::WriteBack)
+            };
+            let c = open(&probe, p, &dir).await;
+            c.shared.syncer_paused.store(true, Ordering::SeqCst);
+            c.shared.background_paused.store(true, Ordering::SeqCst);
+            c.write(BS, pattern(1, BS as usize), false).await.unwrap();
+            c.flush().await.unwrap();
+            assert_eq!(c.shared.lock().disk.len(), 1, "the block is recorded dirty");
+            c.trim(BS, BS, true).await.unwrap();
+            c
+        });
+        drop(c);
+        crashing(async {
+            let c = back(&probe, 8, &dir).await;
+            assert_eq!(
+                read(&c, BS, BS as u32).await,
+                vec![0; BS as usize],
+                "the FUA TRIM stands; the dropped block's record is not replayed"
+            );
+            c.close().await.unwrap();
+        });
     }
 
     #[test]

@@ -106,6 +106,9 @@ pub struct FileStore {
 struct Inner {
     root: PathBuf,
     dirty: Mutex<Dirty>,
+    /// One flush at a time: a flush that began while another was syncing what it took must
+    /// wait for it, or it would find nothing dirty and return before those files are durable.
+    flushing: Mutex<()>,
 }
 
 /// What `flush` must sync: files written and directories changed with `sync = false`.
@@ -190,6 +193,7 @@ impl FileStore {
             inner: Arc::new(Inner {
                 root: dir.to_owned(),
                 dirty: Mutex::new(Dirty::default()),
+                flushing: Mutex::new(()),
             }),
         })
     }
@@ -414,6 +418,8 @@ impl Inner {
     }
 
     fn flush(&self) -> Result<(), StoreError> {
+        // Nothing is guarded but the order of flushes: a poisoned lock is as good.
+        let _one = self.flushing.lock().unwrap_or_else(|e| e.into_inner());
         let Dirty { files, dirs } = std::mem::take(&mut *self.dirty());
         let synced = (|| {
             for f in &files {
@@ -667,6 +673,33 @@ mod tests {
         assert!(s.get("d", None).await.unwrap().is_none());
         s.delete("d", false).await.unwrap();
         assert_eq!(s.head("d/x").await.unwrap(), Some(1));
+    }
+
+    #[test]
+    fn a_flush_waits_for_one_that_is_still_syncing() {
+        let dir = TempDir::new("flush-order");
+        let s = FileStore::open(&dir.0, true).unwrap();
+        let inner = Arc::clone(&s.inner);
+        // A flush under way: it took the dirty set and is syncing it.
+        let syncing = inner.flushing.lock().unwrap();
+        let (done, finished) = std::sync::mpsc::channel();
+        let second = Arc::clone(&inner);
+        let t = std::thread::spawn(move || {
+            let r = second.flush();
+            let _ = done.send(());
+            r
+        });
+        assert!(
+            finished
+                .recv_timeout(std::time::Duration::from_millis(200))
+                .is_err(),
+            "a second flush must not report before the first one's files are durable"
+        );
+        drop(syncing);
+        finished
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .expect("the second flush runs once the first is done");
+        t.join().unwrap().unwrap();
     }
 
     #[tokio::test]
