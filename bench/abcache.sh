@@ -18,14 +18,13 @@ launch() { local po=$(free_port); mkdir -p $W/$1/store
   $2 --config $W/$1.toml >$W/log.$1 2>&1 & P+=($!); SP=$!; U=nbd://127.0.0.1:$po/disk
   for i in $(seq 100); do nbdinfo --size $U >/dev/null 2>&1 && return; sleep 0.1; done; cat $W/log.$1; exit 1; }
 launch a $BA; PA=$SP UA=$U; launch b $BB; PB=$SP UB=$U
-tick() { awk '{print $14+$15}' /proc/$1/stat; }
-idle() { local a b; for i in $(seq 120); do a=$(( $(tick $PA) + $(tick $PB) )); sleep 0.5
-  b=$(( $(tick $PA) + $(tick $PB) )); [ $((b-a)) -le 1 ] && return; done; }
+idle() { local a b; for i in $(seq 120); do a=$(( $(cpu_ticks $PA) + $(cpu_ticks $PB) )); sleep 0.5
+  b=$(( $(cpu_ticks $PA) + $(cpu_ticks $PB) )); [ $((b-a)) -le 1 ] && return; done; }
 # One round against URI $1 served by PID $2: "IOPS us/op".
-one() { idle; local t0=$(tick $2) io
+one() { idle; local t0=$(cpu_ticks $2) io
   io=$(fio --name=j --ioengine=nbd --uri=$1 --rw=randwrite --bs=4k --iodepth=32 --fsync=256 --size=512M \
     --time_based --runtime=$RT --output-format=terse --terse-version=3 2>/dev/null | awk -F';' 'NF>40 {print $49+0, $47/4}')
-  set -- $io $(( $(tick $2) - t0 ))
+  set -- $io $(( $(cpu_ticks $2) - t0 ))
   awk -v iops=$1 -v ios=$2 -v d=$3 'BEGIN{ if (ios > 0) printf "%d %.1f\n", iops, d/100*1e6/ios; else print "nan nan" }'; }
 : >$W/ra; : >$W/rb
 for r in $(seq $R); do

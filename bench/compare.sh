@@ -93,7 +93,6 @@ wait_up() {
   exit 1
 }
 stop() { kill "$1" 2>/dev/null; wait "$1" 2>/dev/null; }
-cpu_ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
 
 # fio_tp URI rw bs qd -> "MiB/s IOPS"
 fio_tp() {

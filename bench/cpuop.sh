@@ -12,9 +12,8 @@ launch() { local po=$(free_port) img=$W/$1.img; [ $B = file ] && fallocate -l 1G
   env "${args[@]}" >$W/log.$po 2>&1 & P+=($!); SP=$!; U=nbd://127.0.0.1:$po/disk
   for i in $(seq 100); do nbdinfo --size $U >/dev/null 2>&1 && return; sleep 0.1; done; cat $W/log.$po; exit 1; }
 launch a "${A[@]}"; PA=$SP UA=$U; launch b "${C[@]}"; PB=$SP UB=$U
-tick() { awk '{print $14+$15}' /proc/$1/stat; }
-one() { local t0=$(tick $2); fio --name=j --ioengine=nbd --uri=$1 --rw=$3 --bs=$4 --iodepth=$5 --size=512M --io_size=$(awk -v n=$6 -v b=$7 'BEGIN{printf "%.0f", n*b}') >/dev/null 2>&1
-  awk -v d=$(( $(tick $2) - t0 )) -v n=$6 'BEGIN{printf "%.2f\n", d/100*1e6/n}'; }
+one() { local t0=$(cpu_ticks $2); fio --name=j --ioengine=nbd --uri=$1 --rw=$3 --bs=$4 --iodepth=$5 --size=512M --io_size=$(awk -v n=$6 -v b=$7 'BEGIN{printf "%.0f", n*b}') >/dev/null 2>&1
+  awk -v d=$(( $(cpu_ticks $2) - t0 )) -v n=$6 'BEGIN{printf "%.2f\n", d/100*1e6/n}'; }
 for j in "seqwrite write 1M 8 4000 1048576" "seqread read 1M 8 4000 1048576" "randread4k randread 4k 32 200000 4096" "randwrite4k randwrite 4k 32 200000 4096"; do
   set -- $j; : >$W/a; : >$W/b
   for r in $(seq $R); do

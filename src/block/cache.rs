@@ -1336,14 +1336,7 @@ impl State {
             self.lru.remove(&e.tick);
         }
         let recorded = self.disk.contains_key(&e.slot);
-        if recorded {
-            // A clean entry was marked when it went clean: that older mark still holds.
-            let mark = self.below_started;
-            let slot = self.unwanted.entry(e.slot).or_insert(mark);
-            if e.dirty {
-                *slot = mark;
-            }
-        }
+        self.went_unwanted(e.slot);
         if e.pins == 0 {
             self.release_slot(e.slot);
         } else {
@@ -1472,6 +1465,17 @@ impl State {
             e.dirty_tick = tick;
             e.last_write = Instant::now();
             self.dirty_order.insert(tick, block);
+            self.unwanted.remove(&e.slot);
+        }
+    }
+
+    /// Marks `slot`, whose entry just went clean or was dropped, for `local_sync`: if the
+    /// index names it dirty, its record may go after a flush below that begins from now on.
+    /// An entry marked when it went clean keeps that older mark when it is dropped; one made
+    /// dirty again lost it.
+    fn went_unwanted(&mut self, slot: u32) {
+        if self.disk.contains_key(&slot) {
+            self.unwanted.entry(slot).or_insert(self.below_started);
         }
     }
 
@@ -1486,9 +1490,8 @@ impl State {
             e.tick = tick;
             self.lru.insert(tick, block);
             self.sync_wanted = true;
-            if self.disk.contains_key(&e.slot) {
-                self.unwanted.insert(e.slot, self.below_started);
-            }
+            let slot = e.slot;
+            self.went_unwanted(slot);
         }
     }
 
@@ -2566,18 +2569,15 @@ impl Shared {
             return UPLOADER_IDLE;
         }
         let waiting = self.waiting_writers.load(Ordering::SeqCst) > 0;
-        // Journal records wait for the uploads of their blocks: at most `max_dirty` of them.
-        let journal_full = {
+        {
             let State {
                 entries, journal, ..
             } = &mut *st;
-            journal.on && {
+            if journal.on {
                 journal.keep_from(entries);
-                journal.live_bytes > self.max_dirty
             }
-        };
-        let pressure =
-            st.dirty_bytes.saturating_mul(2) >= self.max_dirty || waiting || journal_full;
+        }
+        let pressure = waiting || self.short_of_room(&st);
         let room = self.upload_concurrency.saturating_sub(st.uploads);
         let mut picks = Vec::new();
         let mut fallback = Vec::new();
@@ -2626,14 +2626,19 @@ impl Shared {
         wait
     }
 
+    /// True if blocks are uploaded without waiting to rest: dirty data passed half of
+    /// `max_dirty`, or journal records (which wait for the uploads of their blocks) all of it.
+    fn short_of_room(&self, st: &State) -> bool {
+        st.dirty_bytes.saturating_mul(2) >= self.max_dirty
+            || (st.journal.on && st.journal.live_bytes > self.max_dirty)
+    }
+
     /// True if a write just finished must wake the uploader: under pressure, or when the
     /// uploader's next look would come later than the written block is due. Otherwise the
     /// uploader finds the block when it next looks anyway, and a stream of small writes does
     /// not make it walk every dirty block once a write.
     fn upload_kick_needed(&self, st: &State) -> bool {
-        let pressure = st.dirty_bytes.saturating_mul(2) >= self.max_dirty
-            || (st.journal.on && st.journal.live_bytes.saturating_mul(2) > self.max_dirty);
-        pressure
+        self.short_of_room(st)
             || st
                 .upload_wake
                 .is_none_or(|wake| wake > Instant::now() + WRITEBACK_DELAY)
