@@ -148,7 +148,10 @@
 //! its registration is still there. Concurrent misses of one block share one fetch.
 //!
 //! Requests that change anything run in their own task, so a cancelled request cannot stop
-//! halfway. Slot I/O runs on tokio's blocking pool, and the slot map is updated from there too.
+//! halfway; a small write that can land at once without waiting for anything is done in the
+//! request's first poll instead, which nothing can cut short. Small slot writes go to the page
+//! cache from the async worker (`block::inline`); other slot I/O runs on tokio's blocking pool,
+//! and the slot map is updated from there too.
 //! A slot being read or written is pinned and is not reused until that is done. A local disk
 //! failure on a clean block is a miss (read from below, with a warning); on dirty data it is an
 //! error.
@@ -2370,23 +2373,8 @@ impl Shared {
         data: Bytes,
     ) -> Result<(u64, u64), BlockError> {
         let len = self.block_len(block);
-        let block_end = u64::from(len);
-        let end = start + data.len() as u64;
         let offset = block * self.block_size + start;
-        // Sectors the write covers in part must be cached before it lands.
-        let mut edges = Vec::new();
-        if !start.is_multiple_of(SECTOR) {
-            edges.push(start / SECTOR);
-        }
-        if !end.is_multiple_of(SECTOR) && end != block_end {
-            edges.push(end / SECTOR);
-        }
-        let whole_lo = start.div_ceil(SECTOR);
-        let whole_hi = if end == block_end {
-            sectors_of(len)
-        } else {
-            end / SECTOR
-        };
+        let edges = self.edges(block, start, data.len() as u64);
         let (id, slot, content) = loop {
             let notified = self.changed.notified();
             let mut notified = std::pin::pin!(notified);
@@ -2419,48 +2407,150 @@ impl Shared {
         let _content = content.lock_owned().await;
         let shared = Arc::clone(self);
         let inline = self.inline.allowed(data.len());
-        let write = move || {
-            let at = shared.slot_offset(slot) + start;
-            // Only the write itself tells whether the kernel pushes back: time spent waiting for
-            // the state lock (its holder may be preempted on a busy machine) does not.
-            let r = if inline {
-                shared.inline.run(|| shared.data.write_all_at(&data, at))
-            } else {
-                shared.data.write_all_at(&data, at)
-            };
-            let zeroness = match r {
-                Ok(()) => shared.zeroness(slot, start, &data, block_end),
-                Err(_) => Vec::new(),
-            };
-            let mut st = shared.lock();
-            let seq = st.finish_write(block, id, slot, r.is_ok(), (whole_lo, whole_hi), &zeroness);
-            if r.is_ok() && seq != 0 {
-                // Every sector it wrote to, whole or in part.
-                st.journal
-                    .wrote(block, start / SECTOR, end.div_ceil(SECTOR));
-            }
-            let kick = r.is_err() || shared.upload_kick_needed(&st);
-            drop(st);
-            shared.changed.notify_waiters();
-            if kick {
-                shared.kick.notify_one();
-            }
-            r.map(|()| seq)
-        };
+        let write = move || shared.write_claimed(block, id, slot, start, &data, inline);
         // A small write goes straight to the page cache, as on a raw image (`block::inline`).
         let result = if inline {
             write()
         } else {
             blocking(write).await
         };
-        match result {
-            Ok(seq) => Ok((id, seq)),
-            Err(e) => {
-                tracing::error!(dir = %self.dir.display(), block, error = %e,
-                    "cannot write to the cache file; the write fails");
-                Err(BlockError::io("write", offset, e))
-            }
+        result
+            .map(|seq| (id, seq))
+            .map_err(|e| self.write_failed(block, offset, e))
+    }
+
+    /// Write-back of a write that can land at once, if it can: a small write within one block
+    /// (see `block::inline`), with dirty room and a slot that needs no eviction, whose sectors
+    /// need nothing from below, into a slot nobody else is writing or reading. It runs to the
+    /// end without waiting, so it needs no task of its own to be safe from cancellation, and
+    /// the connection sends its reply with the others of its batch instead of being woken by
+    /// that task (for 4 KiB random writes: 0.33 reply writes per write instead of 0.84).
+    ///
+    /// Takes the write's [`Mutation`], and gives it back (`Err`) for the general path.
+    fn write_now(
+        self: &Arc<Self>,
+        mutation: Mutation,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<Result<(), BlockError>, Mutation> {
+        let bs = self.block_size;
+        let len = data.len() as u64;
+        let block = offset / bs;
+        if len == 0 || (offset + len - 1) / bs != block || !self.inline.allowed(data.len()) {
+            return Err(mutation);
         }
+        let start = offset - block * bs;
+        let edges = self.edges(block, start, len);
+        let claimed = {
+            let mut st = self.lock();
+            if !st.entries.contains_key(&block) && st.free.is_empty() && st.fresh >= self.slots {
+                // A slot would have to be taken from another block: the general path does
+                // that, once.
+                None
+            } else {
+                match st.claim(
+                    block,
+                    self.block_len(block),
+                    &edges,
+                    self.max_dirty,
+                    self.slots,
+                ) {
+                    Claim::Ready {
+                        id,
+                        slot,
+                        content,
+                        complete: false,
+                    } => Some((id, slot, content)),
+                    Claim::Ready { id, slot, .. } => {
+                        st.release_claim(block, id, slot);
+                        None
+                    }
+                    Claim::WaitBudget | Claim::WaitSlot { .. } => None,
+                }
+            }
+        };
+        let Some((id, slot, content)) = claimed else {
+            return Err(mutation);
+        };
+        let Ok(_content) = content.try_lock_owned() else {
+            self.lock().release_claim(block, id, slot);
+            return Err(mutation);
+        };
+        let result = self.write_claimed(block, id, slot, start, data, true);
+        drop(mutation);
+        Ok(result
+            .map(|_| ())
+            .map_err(|e| self.write_failed(block, offset, e)))
+    }
+
+    /// The sectors a write of `len` bytes at `start` within `block` covers only in part: they
+    /// must be cached before it lands.
+    fn edges(&self, block: u64, start: u64, len: u64) -> Vec<u64> {
+        let end = start + len;
+        let mut edges = Vec::new();
+        if !start.is_multiple_of(SECTOR) {
+            edges.push(start / SECTOR);
+        }
+        if !end.is_multiple_of(SECTOR) && end != u64::from(self.block_len(block)) {
+            edges.push(end / SECTOR);
+        }
+        edges
+    }
+
+    /// Writes a claimed piece into its slot (timed for `block::inline` if `inline`) and
+    /// records it under the state lock; the end of every write into the cache, on the async
+    /// worker or the blocking pool. Returns the entry's new content version.
+    fn write_claimed(
+        self: &Arc<Self>,
+        block: u64,
+        id: u64,
+        slot: u32,
+        start: u64,
+        data: &[u8],
+        inline: bool,
+    ) -> io::Result<u64> {
+        let block_end = u64::from(self.block_len(block));
+        let end = start + data.len() as u64;
+        // The sectors it writes whole.
+        let whole_lo = start.div_ceil(SECTOR);
+        let whole_hi = if end == block_end {
+            sectors_of(self.block_len(block))
+        } else {
+            end / SECTOR
+        };
+        let at = self.slot_offset(slot) + start;
+        // Only the write itself tells whether the kernel pushes back: time spent waiting for
+        // the state lock (its holder may be preempted on a busy machine) does not.
+        let r = if inline {
+            self.inline.run(|| self.data.write_all_at(data, at))
+        } else {
+            self.data.write_all_at(data, at)
+        };
+        let zeroness = match r {
+            Ok(()) => self.zeroness(slot, start, data, block_end),
+            Err(_) => Vec::new(),
+        };
+        let mut st = self.lock();
+        let seq = st.finish_write(block, id, slot, r.is_ok(), (whole_lo, whole_hi), &zeroness);
+        if r.is_ok() && seq != 0 {
+            // Every sector it wrote to, whole or in part.
+            st.journal
+                .wrote(block, start / SECTOR, end.div_ceil(SECTOR));
+        }
+        let kick = r.is_err() || self.upload_kick_needed(&st);
+        drop(st);
+        self.changed.notify_waiters();
+        if kick {
+            self.kick.notify_one();
+        }
+        r.map(|()| seq)
+    }
+
+    /// The error of a write the cache file refused.
+    fn write_failed(&self, block: u64, offset: u64, e: io::Error) -> BlockError {
+        tracing::error!(dir = %self.dir.display(), block, error = %e,
+            "cannot write to the cache file; the write fails");
+        BlockError::io("write", offset, e)
     }
 
     /// FUA: uploads the given versions of these blocks and makes them durable below, and
@@ -4178,7 +4268,13 @@ impl BlockDevice for CacheLayer {
                 .await
             }
             CacheMode::WriteBack => {
-                let mutation = s.begin_mutation("write", offset)?;
+                let mut mutation = s.begin_mutation("write", offset)?;
+                if !fua {
+                    match s.write_now(mutation, offset, &data) {
+                        Ok(done) => return done,
+                        Err(m) => mutation = m,
+                    }
+                }
                 let shared = Arc::clone(s);
                 let task = tokio::spawn(async move {
                     let _mutation = mutation;
@@ -5413,6 +5509,66 @@ mod tests {
             );
             assert!(allocated() <= before);
         }
+    }
+
+    #[tokio::test]
+    async fn a_write_that_can_land_at_once_needs_no_task_and_others_wait() {
+        use futures::FutureExt;
+        let dir = tmp_dir("wb-now");
+        let probe = Probe::new(8 * BS);
+        let old = pattern(9, 8 * BS as usize);
+        probe.mem.write(0, old.clone(), false).await.unwrap();
+        let c = back(&probe, 4, &dir).await;
+        c.pause_background();
+        // Sector-aligned, within one block, with room and a free slot: done in its first poll.
+        let done = c.write(512, pattern(1, 1024), false).now_or_never();
+        assert!(matches!(done, Some(Ok(()))), "{done:?}");
+        // Part of a sector not cached: the block is completed from below first, which waits.
+        let mut w = Box::pin(c.write(BS + 100, pattern(2, 10), false));
+        assert!((&mut w).now_or_never().is_none());
+        w.await.unwrap();
+        // A slot someone holds (an upload reading it, say): the write waits its turn.
+        let content = Arc::clone(&c.shared.lock().entries[&0].content);
+        let held = content.try_lock_owned().unwrap();
+        let mut w = Box::pin(c.write(2048, pattern(3, 512), false));
+        assert!((&mut w).now_or_never().is_none());
+        drop(held);
+        w.await.unwrap();
+        assert_quiet(&c).await;
+        // Parts of sectors already cached, in a whole block: at once, and readable.
+        let done = c.write(BS + 90, pattern(7, 30), false).now_or_never();
+        assert!(matches!(done, Some(Ok(()))), "{done:?}");
+        // FUA waits for its upload (which needs the background tasks).
+        c.shared.background_paused.store(false, Ordering::SeqCst);
+        let mut w = Box::pin(c.write(3 * BS, pattern(4, 512), true));
+        assert!((&mut w).now_or_never().is_none());
+        w.await.unwrap();
+        let mut want = old[..4 * BS as usize].to_vec();
+        want[512..1536].copy_from_slice(&pattern(1, 1024));
+        want[2048..2560].copy_from_slice(&pattern(3, 512));
+        let b = BS as usize;
+        want[b + 100..b + 110].copy_from_slice(&pattern(2, 10));
+        want[b + 90..b + 120].copy_from_slice(&pattern(7, 30));
+        want[3 * b..3 * b + 512].copy_from_slice(&pattern(4, 512));
+        assert_eq!(read(&c, 0, 4 * BS as u32).await, want);
+        c.flush().await.unwrap();
+        assert_eq!(read(&probe.mem, 0, 4 * BS as u32).await, want);
+        // A clean cached block: dirtied at once.
+        let done = c.write(2 * BS, pattern(8, 512), false).now_or_never();
+        assert!(matches!(done, Some(Ok(()))), "{done:?}");
+        assert!(c.shared.lock().entries[&2].dirty);
+        want[2 * b..2 * b + 512].copy_from_slice(&pattern(8, 512));
+        c.flush().await.unwrap();
+        assert_eq!(read(&probe.mem, 0, 4 * BS as u32).await, want);
+        // Every slot holds a block (the read above cached block 2 too): a write to another
+        // block takes the general path, which evicts a clean block for it.
+        assert_eq!(c.cached_blocks(), 4);
+        let mut w = Box::pin(c.write(6 * BS, pattern(6, 512), false));
+        assert!((&mut w).now_or_never().is_none());
+        w.await.unwrap();
+        assert_eq!(c.cached_blocks(), 4);
+        assert_eq!(read(&c, 6 * BS, 512).await, pattern(6, 512));
+        assert_quiet(&c).await;
     }
 
     #[tokio::test]
