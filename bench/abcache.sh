@@ -13,8 +13,7 @@ R=$1 RT=$2 FL=$3 BA=$4 BB=$5
 W=$(mktemp -d -p /var/tmp abcache.XXXXXX); P=()
 trap 'for p in "${P[@]}"; do kill $p 2>/dev/null; wait $p 2>/dev/null; done; rm -rf $W' EXIT
 launch() { local po=$(free_port); mkdir -p $W/$1/store
-  printf '[server]\nlisten = ["127.0.0.1:%s"]\n[exports.disk]\npipeline = "cache -> sharded -> file"\nsize = "1GiB"\n[exports.disk.file]\npath = "%s/store"\n[exports.disk.cache]\npath = "%s/cache"\nsize = "2GiB"\nmax_dirty = "2GiB"\nflush = "%s"\n' \
-    $po $W/$1 $W/$1 $FL >$W/$1.toml
+  cache_toml $po $W/$1 $FL >$W/$1.toml
   $2 --config $W/$1.toml >$W/log.$1 2>&1 & P+=($!); SP=$!; U=nbd://127.0.0.1:$po/disk
   for i in $(seq 100); do nbdinfo --size $U >/dev/null 2>&1 && return; sleep 0.1; done; cat $W/log.$1; exit 1; }
 launch a $BA; PA=$SP UA=$U; launch b $BB; PB=$SP UB=$U

@@ -18,8 +18,7 @@ trap 'for p in "${P[@]}"; do kill $p 2>/dev/null; wait $p 2>/dev/null; done; rm 
 one() {
   local po=$(free_port) d=$W/run sp u t0 io i a b
   rm -rf $d; mkdir -p $d/store
-  printf '[server]\nlisten = ["127.0.0.1:%s"]\n[exports.disk]\npipeline = "cache -> sharded -> file"\nsize = "1GiB"\n[exports.disk.file]\npath = "%s/store"\n[exports.disk.cache]\npath = "%s/cache"\nsize = "2GiB"\nmax_dirty = "2GiB"\nflush = "%s"\n' \
-    $po $d $d $FL >$d/c.toml
+  cache_toml $po $d $FL >$d/c.toml
   $1 --config $d/c.toml >$d/log 2>&1 & P+=($!); sp=$!; u=nbd://127.0.0.1:$po/disk
   for i in $(seq 100); do nbdinfo --size $u >/dev/null 2>&1 && break; sleep 0.1; done
   t0=$(cpu_ticks $sp)

@@ -12,3 +12,10 @@ cpu_ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
 median() {
   sort -g | awk '{a[NR]=$1} END{ if(NR==0){print "nan"; exit} if(NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2 }'
 }
+
+# The config of one write-back cache export, "disk": cache -> sharded -> file, 1 GiB, cache 2 GiB
+# with max_dirty 2 GiB, listening on 127.0.0.1:$1, cache and store under directory $2, flush = $3.
+cache_toml() {
+  printf '[server]\nlisten = ["127.0.0.1:%s"]\n[exports.disk]\npipeline = "cache -> sharded -> file"\nsize = "1GiB"\n[exports.disk.file]\npath = "%s/store"\n[exports.disk.cache]\npath = "%s/cache"\nsize = "2GiB"\nmax_dirty = "2GiB"\nflush = "%s"\n' \
+    "$1" "$2" "$2" "$3"
+}
