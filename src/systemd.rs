@@ -197,9 +197,9 @@ fn single_threaded() -> bool {
         .unwrap_or(false)
 }
 
-/// One of the three `unsafe` functions in nbd-rs (the others call `cachestat` and
-/// `ioctl(SIOCATMARK)`): claiming ownership of the descriptors systemd passed, and removing the
-/// variables that describe them.
+/// One of the four `unsafe` functions in nbd-rs (the others call `cachestat`,
+/// `ioctl(SIOCATMARK)` and `mmap`): claiming ownership of the descriptors systemd passed, and
+/// removing the variables that describe them.
 #[allow(unsafe_code)]
 fn claim_listen_fds() -> io::Result<Vec<(OwnedFd, String)>> {
     if CLAIMED.swap(true, Ordering::SeqCst) {

@@ -2762,32 +2762,45 @@ fn idle_connections_give_their_read_buffers_back() {
     );
 }
 
-/// Reads of a file export large enough to go out by `sendfile` are framed like any other, in
-/// every reply mode: in simple mode the bytes follow the header; in structured and extended
-/// modes they come as one OFFSET_DATA chunk flagged DONE, whose length counts its offset field.
-/// A request sent right behind is answered on the same connection, so the stream stays in step.
+/// Reads of a file export large enough to go out from the page cache are framed like any
+/// other, in every reply mode, whether by `sendfile` (`sendfile = "always"`) or from a mapping
+/// of the image (`"auto"`, for this client on loopback): in simple mode the bytes follow the
+/// header; in structured and extended modes (with DF or without) they come as one OFFSET_DATA
+/// chunk flagged DONE, whose length counts its offset field. A request sent right behind is
+/// answered on the same connection, so the stream stays in step.
 #[test]
 fn large_file_reads_are_framed_alike_in_every_reply_mode() {
+    for (policy, counter) in [("always", "sendfile_bytes"), ("auto", "mapped_bytes")] {
+        large_file_reads_framed(policy, counter);
+    }
+}
+
+fn large_file_reads_framed(policy: &str, counter: &str) {
     let img = std::env::temp_dir().join(format!(
-        "nbd-rs-protocol-{}-sendfile.img",
+        "nbd-rs-protocol-{}-{policy}-sendfile.img",
         std::process::id()
     ));
     let _ = std::fs::remove_file(&img);
     let conn = format!("file:{}?size=8MiB", img.display());
-    // sendfile for this client on loopback, too.
     let srv = Server::with_exports_env(
         &[["file", "raw", &conn]],
-        &[("NBD_RS_SERVER__SENDFILE", "always")],
+        &[("NBD_RS_SERVER__SENDFILE", policy)],
     );
-    for (i, mode) in [Mode::Simple, Mode::Structured, Mode::Extended]
-        .into_iter()
-        .enumerate()
+    for (i, (mode, flags)) in [
+        (Mode::Simple, 0),
+        (Mode::Structured, 0),
+        (Mode::Structured, CMD_FLAG_DF),
+        (Mode::Extended, 0),
+        (Mode::Extended, CMD_FLAG_DF),
+    ]
+    .into_iter()
+    .enumerate()
     {
         let mut n = connect_go(&srv, "file", mode, false);
         let data = pattern(40 + i as u64, 300_000);
         n.write(4097, &data);
         let (offset, len) = (4097 + 5, 200_000u64);
-        let r = n.read_reply(0, offset, len);
+        let r = n.read_reply(flags, offset, len);
         let want = &data[5..5 + len as usize];
         if mode == Mode::Simple {
             assert_eq!(r.simple, Some(0), "{mode:?}");
@@ -2825,6 +2838,24 @@ fn large_file_reads_are_framed_alike_in_every_reply_mode() {
             got == image[at as usize..(at + MIB) as usize],
             "read at {at}"
         );
+    }
+    drop(n);
+    // The closing lines count the bytes that went by the policy's way.
+    let sent = |l: &String| -> u64 {
+        l.split(&format!(" {counter}="))
+            .nth(1)
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while !srv.logged(counter).iter().any(|l| sent(l) >= 48 * MIB) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{policy}: no connection counts 48 MiB of {counter}: {:?}",
+            srv.logged(counter)
+        );
+        thread::sleep(Duration::from_millis(20));
     }
     drop(srv);
     std::fs::remove_file(&img).unwrap();

@@ -558,9 +558,10 @@ fn check_reports_bad_tls_settings_and_access_lists_with_their_lines() {
     );
 }
 
-/// TLS bytes are encrypted in user space, so large reads of a file export are copied rather
-/// than sent by `sendfile`: the data matches a model of the image, cached or evicted, and the
-/// connection's closing line counts no bytes sent from the page cache.
+/// TLS bytes are encrypted in user space, so large reads of a file export are read into memory
+/// rather than sent by `sendfile` or from a mapping of the image: the data matches a model of
+/// the image, cached or evicted, and the connection's closing line counts no bytes sent either
+/// way.
 #[test]
 fn large_file_reads_over_tls_are_copied_and_match_the_image() {
     let dir = pki("tls-file");
@@ -593,6 +594,7 @@ fn large_file_reads_over_tls_are_copied_and_match_the_image() {
         .find(|l| l.contains("client disconnected"))
         .unwrap();
     assert!(line.contains(" sendfile_bytes=0 "), "{line}");
+    assert!(line.contains(" mapped_bytes=0 "), "{line}");
     // Large writes are decrypted in user space too, so none is spliced into the file.
     let src = dir.path("src");
     std::fs::write(

@@ -13,6 +13,7 @@ pub mod buffers;
 pub mod cache;
 pub mod fault;
 pub mod inline;
+pub mod mapped;
 pub mod retry;
 pub mod sync_group;
 
@@ -171,8 +172,9 @@ impl ReadData {
     }
 }
 
-/// Bytes of a file that a reply can carry straight from the page cache (`sendfile(2)`), so the
-/// server copies nothing: see [`BlockDevice::file_range`].
+/// Bytes of a file that a reply can carry straight from the page cache, so that the server
+/// copies them once (from a mapping) or not at all (`sendfile(2)`): see
+/// [`BlockDevice::file_range`].
 #[derive(Debug, Clone)]
 pub struct FileRange {
     /// The file.
@@ -181,6 +183,8 @@ pub struct FileRange {
     pub offset: u64,
     /// How many.
     pub len: u32,
+    /// The file's mappings, to send the bytes from.
+    pub windows: Arc<mapped::Windows>,
 }
 
 /// Where a write's payload can go straight from the client's socket into a file (`splice(2)`),
@@ -314,7 +318,8 @@ pub trait BlockDevice: Send + Sync + fmt::Debug + 'static {
     /// Reads `len` bytes at `offset`. The chunks cover exactly that range.
     async fn read(&self, offset: u64, len: u32) -> Result<ReadData, BlockError>;
 
-    /// Where a read of `len` bytes at `offset` can be sent from without copying: a file range
+    /// Where a read of `len` bytes at `offset` can be sent from without reading it into memory
+    /// (by `sendfile`, or from a mapping: see [`mapped`]): a file range
     /// that holds exactly those bytes, all of it in the page cache now (a hint, not a promise:
     /// the sender must still be ready to wait for a disk). `None` (the default) means "read
     /// it": layers that transform or cache data never answer, only a store whose bytes are the

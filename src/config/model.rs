@@ -144,14 +144,16 @@ impl Default for Limits {
 /// `[server] sendfile`: which clients get large reads of cached file pages by `sendfile(2)`,
 /// which saves the server a copy. The client's kernel copies the bytes either way; when it
 /// runs on the same machine it copies from pages no CPU cache holds, which on this project's
-/// test machine halved 1 MiB sequential reads, so by default only remote clients get it.
+/// test machine halved 1 MiB sequential reads, so by default only remote clients get it, and
+/// local ones get those reads copied once, from a mapping of the image (`block::mapped`), not
+/// read into memory and copied again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Sendfile {
-    /// TCP clients whose address is not a loopback one.
+    /// TCP clients whose address is not a loopback one; the others get mapped reads.
     Auto,
     /// Every TCP and Unix-socket client (not over TLS).
     Always,
-    /// None.
+    /// None, and no mapped reads either: every read is read into memory first.
     Never,
 }
 
@@ -163,6 +165,12 @@ impl Sendfile {
             Sendfile::Always => true,
             Sendfile::Never => false,
         }
+    }
+
+    /// Whether a client at `addr` that does not get `sendfile` gets large cached reads copied
+    /// once from a mapping of the image instead of read into memory.
+    pub fn maps(self, addr: Option<std::net::IpAddr>) -> bool {
+        self == Sendfile::Auto && !self.allows(addr)
     }
 }
 
@@ -984,14 +992,22 @@ mod tests {
         for local in ["127.0.0.1", "127.3.2.1", "::1", "::ffff:127.0.0.1"] {
             assert!(!Sendfile::Auto.allows(ip(local)), "{local}");
             assert!(Sendfile::Always.allows(ip(local)), "{local}");
+            // Local clients get mapped reads instead, unless they get sendfile or nothing.
+            assert!(Sendfile::Auto.maps(ip(local)), "{local}");
+            assert!(!Sendfile::Always.maps(ip(local)), "{local}");
+            assert!(!Sendfile::Never.maps(ip(local)), "{local}");
         }
         for remote in ["192.0.2.7", "10.1.2.3", "2001:db8::1", "::ffff:192.0.2.7"] {
             assert!(Sendfile::Auto.allows(ip(remote)), "{remote}");
             assert!(!Sendfile::Never.allows(ip(remote)), "{remote}");
+            assert!(!Sendfile::Auto.maps(ip(remote)), "{remote}");
+            assert!(!Sendfile::Never.maps(ip(remote)), "{remote}");
         }
         // A Unix-socket client is on this machine.
         assert!(!Sendfile::Auto.allows(None));
         assert!(Sendfile::Always.allows(None));
+        assert!(Sendfile::Auto.maps(None));
+        assert!(!Sendfile::Never.maps(None));
     }
 
     #[test]

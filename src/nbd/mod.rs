@@ -19,7 +19,7 @@ use tracing::{debug, info, warn};
 use crate::config::model::Limits;
 use crate::export::{ClientId, ExportTable};
 use handshake::{HandshakeError, Outcome, Session, Tls};
-use transmission::{End, Settings};
+use transmission::{End, FileReads, Settings};
 
 /// How long a connection told to stop (server shutdown, or its export reloaded or removed)
 /// has to finish the requests it has sent before it is cut: a client that stalls in the middle
@@ -127,7 +127,7 @@ pub async fn serve_connection<S: Connection>(
                     // TLS streams cannot sendfile: their bytes are encrypted in user space.
                     let settings = Settings {
                         idle: limits.idle_timeout,
-                        zero_copy: false,
+                        file_reads: FileReads::Copied,
                     };
                     transmit(tls, buf, session, peer, started, settings, shutdown).await;
                 }
@@ -145,7 +145,13 @@ pub async fn serve_connection<S: Connection>(
         Ok((Outcome::Transmission(session), _)) => {
             let settings = Settings {
                 idle: limits.idle_timeout,
-                zero_copy: limits.sendfile.allows(addr),
+                file_reads: if limits.sendfile.allows(addr) {
+                    FileReads::Sendfile
+                } else if limits.sendfile.maps(addr) {
+                    FileReads::Mapped
+                } else {
+                    FileReads::Copied
+                },
             };
             transmit(io, buf, session, peer, started, settings, shutdown).await;
         }
@@ -251,6 +257,7 @@ async fn transmit<S: Connection>(
                 requests = stats.requests,
                 errors = stats.errors,
                 sendfile_bytes = stats.sendfile_bytes,
+                mapped_bytes = stats.mapped_bytes,
                 spliced_bytes = stats.spliced_bytes,
                 buffer_releases = stats.buffer_releases,
                 secs,
@@ -258,7 +265,7 @@ async fn transmit<S: Connection>(
             );
         }
         Err(e) => {
-            warn!(peer, export, requests = stats.requests, errors = stats.errors, sendfile_bytes = stats.sendfile_bytes, spliced_bytes = stats.spliced_bytes, buffer_releases = stats.buffer_releases, secs, error = %e, "connection ended");
+            warn!(peer, export, requests = stats.requests, errors = stats.errors, sendfile_bytes = stats.sendfile_bytes, mapped_bytes = stats.mapped_bytes, spliced_bytes = stats.spliced_bytes, buffer_releases = stats.buffer_releases, secs, error = %e, "connection ended");
         }
     }
 }

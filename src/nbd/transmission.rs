@@ -141,6 +141,8 @@ pub struct Stats {
     pub errors: u64,
     /// Read payload bytes sent straight from the page cache (`sendfile`), not copied.
     pub sendfile_bytes: u64,
+    /// Read payload bytes copied once into the socket from a mapping of the image file.
+    pub mapped_bytes: u64,
     /// Write payload bytes moved from the socket into a file by `splice`, not read.
     pub spliced_bytes: u64,
     /// Times the connection, idle, gave its read-ahead buffer back.
@@ -194,8 +196,35 @@ pub struct Settings {
     /// Close the connection once it has been silent this long, with nothing in flight
     /// (`None`: never).
     pub idle: Option<std::time::Duration>,
-    /// Large reads of cached file pages may go out by `sendfile` (`[server] sendfile`).
-    pub zero_copy: bool,
+    /// How large reads of cached file pages go out (`[server] sendfile`).
+    pub file_reads: FileReads,
+}
+
+/// How a read that the device can answer with cached pages of a file goes out. Only plain
+/// sockets take anything but `Copied`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FileReads {
+    /// Read into memory, then written, like any other reply.
+    #[default]
+    Copied,
+    /// Written from a mapping of the range: copied once, by the kernel (`block::mapped`).
+    Mapped,
+    /// Sent by `sendfile`: not copied by the server at all.
+    Sendfile,
+}
+
+/// Bytes the writer sent other than from memory, for the closing line.
+#[derive(Debug, Default)]
+struct Sent {
+    sendfile: AtomicU64,
+    mapped: AtomicU64,
+}
+
+impl Sent {
+    fn count(&self, stats: &mut Stats) {
+        stats.sendfile_bytes = self.sendfile.load(Ordering::Relaxed);
+        stats.mapped_bytes = self.mapped.load(Ordering::Relaxed);
+    }
 }
 
 /// An answer to a bad request: the error code and a message for the client.
@@ -217,18 +246,23 @@ where
     R: RequestReader,
     W: ReplyWriter,
 {
-    let Settings { idle, zero_copy } = settings;
-    let sendfile = zero_copy && wr.sendfile_socket().is_some();
+    let Settings { idle, file_reads } = settings;
+    // A TLS stream has no socket to give: its bytes are encrypted in user space.
+    let file_reads = if wr.sendfile_socket().is_some() {
+        file_reads
+    } else {
+        FileReads::Copied
+    };
     let (tx, rx) = mpsc::unbounded_channel();
     // Counted by the writer as it goes, so that a cut connection reports it too.
-    let sent = Arc::new(AtomicU64::new(0));
+    let sent = Arc::new(Sent::default());
     let mut writer = tokio::spawn(write_loop(wr, rx, Arc::clone(&sent)));
     let budget = Arc::new(Semaphore::new(BUDGET_UNITS as usize));
     let session = Arc::new(session);
     let mut stats = Stats::default();
 
     let result = tokio::select! {
-        r = read_loop(&mut rd, &mut buf, &session, sendfile, &tx, &budget, &shutdown, idle, &mut stats) => r,
+        r = read_loop(&mut rd, &mut buf, &session, file_reads, &tx, &budget, &shutdown, idle, &mut stats) => r,
         _ = cut.cancelled() => Ok(End::Cut),
     };
     // Dropping our sender lets the writer finish once every running request has answered.
@@ -240,11 +274,11 @@ where
         },
         _ = cut.cancelled() => {
             writer.abort();
-            stats.sendfile_bytes = sent.load(Ordering::Relaxed);
+            sent.count(&mut stats);
             return (Ok(End::Cut), stats);
         }
     };
-    stats.sendfile_bytes = sent.load(Ordering::Relaxed);
+    sent.count(&mut stats);
     let result = match (result, written) {
         (Ok(end), Ok(())) => Ok(end),
         (Ok(End::ClientGone), Err(_)) => Ok(End::ClientGone),
@@ -260,7 +294,7 @@ async fn read_loop<R: RequestReader>(
     rd: &mut R,
     buf: &mut BytesMut,
     session: &Arc<Session>,
-    sendfile: bool,
+    file_reads: FileReads,
     tx: &Tx,
     budget: &Arc<Semaphore>,
     shutdown: &CancellationToken,
@@ -413,7 +447,7 @@ async fn read_loop<R: RequestReader>(
                 // to wait goes on as its own task, so it never holds up the next request.
                 let session = Arc::clone(session);
                 let mut running =
-                    Box::pin(async move { execute(&session, sendfile, &req, op).await });
+                    Box::pin(async move { execute(&session, file_reads, &req, op).await });
                 match poll_once(running.as_mut()).await {
                     Poll::Ready(frames) => send(tx, frames, Some(permit)),
                     Poll::Pending => {
@@ -691,17 +725,31 @@ fn validate(session: &Session, req: &Request, payload: Bytes) -> Result<Op, Refu
     })
 }
 
-/// Runs a validated request on the export's device and builds its reply. With `sendfile`
-/// (the connection is a plain socket), a read the device can serve from the page cache is
-/// answered with the file range itself.
-async fn execute(session: &Session, sendfile: bool, req: &Request, op: Op) -> Frames {
+/// Runs a validated request on the export's device and builds its reply. Unless reads are
+/// `Copied` (the connection is a plain socket), a read the device can serve from the page cache
+/// is answered from the file range itself: by `sendfile`, or from a mapping of it.
+async fn execute(session: &Session, file_reads: FileReads, req: &Request, op: Op) -> Frames {
     let dev = &session.export.device;
     let mode = session.mode;
-    if sendfile
-        && let Op::Read { offset, len, .. } = op
+    if file_reads != FileReads::Copied
+        && let Op::Read { offset, len, df } = op
         && let Some(range) = dev.file_range(offset, len)
     {
-        return file_reply(mode, req, range);
+        if file_reads == FileReads::Sendfile {
+            return file_reply(mode, req, range);
+        }
+        match range.windows.bytes(range.offset, range.len) {
+            Some(Ok(bytes)) => {
+                let mut frames = read_reply(mode, req, &[ReadChunk::Data(bytes)], df);
+                frames.mapped = range.len;
+                return frames;
+            }
+            // Said once per image: its reads are read from now on.
+            Some(Err(e)) => warn!(export = %session.export.name, error = %e,
+                "cannot map the image to send reads from it: large reads are read into memory"),
+            // Read the usual way, below.
+            None => {}
+        }
     }
     let ok = || wire::ok_reply(mode, req.cookie, req.offset);
     let result = match op {
@@ -861,6 +909,7 @@ fn file_reply(mode: ReplyMode, req: &Request, range: FileRange) -> Frames {
     Frames {
         parts: vec![hdr.freeze()],
         tail: Some(range),
+        mapped: 0,
     }
 }
 
@@ -933,11 +982,11 @@ fn status_reply(
 }
 
 /// Sends replies as they arrive, batching those that are ready together, and counts in `sent`
-/// the bytes that went by `sendfile`.
+/// the bytes that went by `sendfile` or from a mapping.
 async fn write_loop<W: ReplyWriter>(
     mut wr: W,
     mut rx: mpsc::UnboundedReceiver<Outgoing>,
-    sent: Arc<AtomicU64>,
+    sent: Arc<Sent>,
 ) -> io::Result<()> {
     let mut batch: Vec<Outgoing> = Vec::with_capacity(MAX_BATCH);
     let mut sock: Option<SendfileSocket> = None;
@@ -962,10 +1011,15 @@ async fn write_loop<W: ReplyWriter>(
                     none => none.insert(sendfile_socket(&wr)?),
                 };
                 send_file(sock, range).await?;
-                sent.fetch_add(u64::from(range.len), Ordering::Relaxed);
+                sent.sendfile
+                    .fetch_add(u64::from(range.len), Ordering::Relaxed);
             }
         }
         write_all_vectored(&mut wr, &parts, false).await?;
+        let mapped: u64 = batch.iter().map(|o| u64::from(o.frames.mapped)).sum();
+        if mapped > 0 {
+            sent.mapped.fetch_add(mapped, Ordering::Relaxed);
+        }
         // A TLS stream may have taken the last bytes and kept their records back, the socket
         // being full: without a flush they would wait for the next reply, which the client,
         // waiting for this one, may never cause. (For a plain socket this does nothing.)

@@ -170,12 +170,18 @@ pub struct Frames {
     pub parts: Vec<Bytes>,
     /// Payload that follows `parts`, sent from the page cache with `sendfile(2)`.
     pub tail: Option<FileRange>,
+    /// How many bytes of `parts` are mapped from a file (`block::mapped`), for the closing line.
+    pub mapped: u32,
 }
 
 impl Frames {
     /// Frames of these pieces only.
     pub fn of(parts: Vec<Bytes>) -> Frames {
-        Frames { parts, tail: None }
+        Frames {
+            parts,
+            tail: None,
+            mapped: 0,
+        }
     }
 
     /// Total bytes.

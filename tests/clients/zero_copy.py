@@ -4,14 +4,14 @@
 Usage:
     /usr/bin/python3 tests/clients/zero_copy.py URI IMAGE [--no-structured]
 
-nbd-rs answers reads of 64 KiB and more from a file export with sendfile(2) when the pages
-are in the page cache, and copies them otherwise. This script writes a pattern through the
+nbd-rs answers reads of 64 KiB and more from a file export with sendfile(2), or from a
+mapping of the image, when the pages are in the page cache, and reads them otherwise. This script writes a pattern through the
 export (leaving a trimmed hole and a never-written tail), then reads it back in shapes that
 stress that path: unaligned offsets and lengths, just below and at the threshold, ranges that
 cross holes, 8 MiB at once, and 64 reads of mixed sizes in flight together (so that replies
-sent by sendfile and replies copied share the writer's batches). Then it flushes, evicts the
-image from the page cache (POSIX_FADV_DONTNEED on IMAGE) and reads everything again: the
-first reads now take the copying path, the repeats the sendfile one.
+sent from the page cache and replies read share the writer's batches). Then it flushes,
+evicts the image from the page cache (POSIX_FADV_DONTNEED on IMAGE) and reads everything
+again: the first reads now take the reading path, the repeats the page-cache one.
 
 With --no-structured the connection uses simple replies. Prints `checked N reads`, or
 `FAIL what: ...` and exits 1.

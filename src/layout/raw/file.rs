@@ -7,7 +7,8 @@
 //!
 //! Reads try `preadv2(RWF_NOWAIT)` before the pool. Reads of 64 KiB and more whose pages are
 //! all in the page cache (by `cachestat(2)`, Linux 6.5 and later) are not read at all: the
-//! connection sends them with `sendfile`, so the server copies none of their bytes. Large
+//! connection sends them with `sendfile` (the server copies none of their bytes) or, to a
+//! client on this machine, from a mapping of the image (`block::mapped`: copied once). Large
 //! writes without FUA are offered to the connection as a [`WriteTarget`]: on a plain socket it
 //! splices their payloads into the file, copied once instead of twice.
 
@@ -26,6 +27,7 @@ use tracing::info;
 
 use crate::block::buffers::Buffer;
 use crate::block::inline::InlineWrites;
+use crate::block::mapped::Windows;
 use crate::block::sync_group::SyncGroup;
 use crate::block::{
     BlockDevice, BlockError, BlockSizes, DeviceInfo, Extent, FileRange, ReadData, STATE_HOLE,
@@ -86,6 +88,8 @@ pub struct FileImage {
     /// Large reads are offered for `sendfile` when `cachestat(2)` says they are in the page
     /// cache (cleared, and logged once, if `cachestat` fails for this image).
     cachestat: AtomicBool,
+    /// Mappings of the image, for large cached reads sent from them (`block::mapped`).
+    windows: Arc<Windows>,
 }
 
 impl std::fmt::Debug for FileImage {
@@ -149,6 +153,7 @@ impl FileImage {
         if size == 0 {
             return Err(OpenError::Empty(path.to_owned()));
         }
+        let file = Arc::new(file);
         Ok(FileImage {
             info: DeviceInfo {
                 size,
@@ -160,7 +165,8 @@ impl FileImage {
                 block_sizes: BlockSizes::default(),
             },
             path: path.to_owned(),
-            file: Arc::new(file),
+            windows: Arc::new(Windows::new(Arc::clone(&file), size)),
+            file,
             nowait: AtomicBool::new(true),
             inline: InlineWrites::default(),
             syncs: Arc::new(SyncGroup::sticky()),
@@ -466,6 +472,7 @@ impl BlockDevice for FileImage {
                 file: Arc::clone(&self.file),
                 offset,
                 len,
+                windows: Arc::clone(&self.windows),
             }),
             Ok(false) => None,
             Err(e) => {
