@@ -24,7 +24,7 @@ one() { fio --name=j --ioengine=nbd --uri=$1 --rw=$rw --bs=$bs --iodepth=$qd --s
 for u in $UA $UB; do fio --name=f --ioengine=nbd --uri=$u --rw=write --bs=1M --iodepth=8 --size=512M >/dev/null 2>&1; done
 : >$W/a; : >$W/b
 for r in $(seq $R); do
-  if [ $((r%2)) = 1 ]; then one $UA >>$W/a; one $UB >>$W/b; else one $UB >>$W/b; one $UA >>$W/a; fi
+  if [ $((r%2)) = 1 ]; then settle; one $UA >>$W/a; settle; one $UB >>$W/b; else settle; one $UB >>$W/b; settle; one $UA >>$W/a; fi
 done
 a=$(median <$W/a) b=$(median <$W/b)
 printf '%-12s A %8s MiB/s  B %8s MiB/s  B/A %.2f   (A: %s | B: %s)\n' $J $a $b $(awk -v a=$a -v b=$b 'BEGIN{print b/a}') "$(tr '\n' ' ' <$W/a)" "$(tr '\n' ' ' <$W/b)"

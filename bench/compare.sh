@@ -14,6 +14,7 @@
 #           stays under the upload pressure mark, max_dirty / 2)
 # For memory and file: the four fio jobs of shared/bench/nbd-fio.sh (throughput, median of the
 # rounds), then server CPU per operation from /proc/PID/stat around fixed-count fio jobs.
+# Before every timed job, `sync` writes back what the jobs before left dirty (lib.sh settle).
 # For file also the cache pair's flush-heavy job (randw4k+fl256) against nbdkit file.
 # Ratios are nbd-rs / nbdkit: above 1 is better for throughput, below 1 is better for CPU/op.
 #
@@ -127,6 +128,7 @@ bench_pair() {
         if [ $((r % 2)) = 1 ]; then order="rs ref"; else order="ref rs"; fi
         for who in $order; do
           local uri=$uri_rs; [ $who = ref ] && uri=$uri_ref
+          settle
           read -r mib iops < <(fio_tp "$uri" "$2" "$3" "$4")
           echo "$pair $1 MiB/s $who ${mib:-nan}" >>"$RESULTS"
           echo "$pair $1 IOPS $who ${iops:-nan}" >>"$RESULTS"
@@ -143,6 +145,7 @@ bench_pair() {
         if [ $((r % 2)) = 1 ]; then order="rs ref"; else order="ref rs"; fi
         for who in $order; do
           local uri=$uri_rs pid=$pid_rs; [ $who = ref ] && { uri=$uri_ref; pid=$pid_ref; }
+          settle
           read -r us ops < <(fio_count "$uri" "$2" "$3" "$4" "$n" "$pid")
           echo "$pair $1 cpu-us/op $who $us" >>"$RESULTS"
           echo "$pair $1 ops/s(cnt) $who $ops" >>"$RESULTS"
@@ -167,6 +170,7 @@ flush_pair() {
     if [ $((r % 2)) = 1 ]; then order="rs ref"; else order="ref rs"; fi
     for who in $order; do
       uri=$uri_rs; [ $who = ref ] && uri=$uri_ref
+      settle
       iops=$(fio_flush "$uri")
       echo "$pair randw4k+fl256 IOPS $who ${iops:-nan}" >>"$RESULTS"
       echo "  [$pair round $r] randw4k+fl256 $who: ${iops:-?} IOPS" >&2
@@ -262,6 +266,7 @@ run_cache() {
       { printf '[server]\nlisten = ["127.0.0.1:%s"]\n' "$port"; cache_config "$v"; } >"$WORK/cache-$v.toml"
       start "cache-$v-$r" "$BIN" --config "$WORK/cache-$v.toml"; a=$SPID
       wait_up "nbd://127.0.0.1:$port/vol" $a
+      settle
       iops=$(fio_flush "nbd://127.0.0.1:$port/vol")
       case $v in
         file) echo "s3cache randw4k+fl256 IOPS ref ${iops:-nan}" >>"$RESULTS"

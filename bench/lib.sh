@@ -8,6 +8,11 @@ free_port() {
 # CPU time (user + system, in clock ticks) of process $1 so far.
 cpu_ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
 
+# Writes every dirty page back before a timed run, so that no job pays for the writeback of
+# what the one before left dirty (512 MiB of random 4 KiB writes, for one), whichever server
+# that was. (It did not steady the 1 MiB file write rows: see the README.)
+settle() { sync; }
+
 # The median of the numbers on stdin, one per line ("nan" if there are none).
 median() {
   sort -g | awk '{a[NR]=$1} END{ if(NR==0){print "nan"; exit} if(NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2 }'
