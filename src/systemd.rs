@@ -197,8 +197,9 @@ fn single_threaded() -> bool {
         .unwrap_or(false)
 }
 
-/// One of the four `unsafe` functions in nbd-rs (the others call `cachestat`,
-/// `ioctl(SIOCATMARK)` and `mmap`): claiming ownership of the descriptors systemd passed, and
+/// One of the six `unsafe` functions in nbd-rs (the others call `cachestat`,
+/// `ioctl(SIOCATMARK)`, `mmap` and `mincore`, and count what `recvmsg` put in spare
+/// capacity): claiming ownership of the descriptors systemd passed, and
 /// removing the variables that describe them.
 #[allow(unsafe_code)]
 fn claim_listen_fds() -> io::Result<Vec<(OwnedFd, String)>> {

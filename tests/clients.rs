@@ -53,7 +53,8 @@ fn image_over_tcp_and_unix(
     (s, uris, img)
 }
 
-/// The value of a counter (`sendfile_bytes`, `mapped_bytes`, `spliced_bytes`) in each connection's closing line
+/// The value of a counter (`sendfile_bytes`, `mapped_bytes`, `spliced_bytes`, `paged_bytes`) in
+/// each connection's closing line
 /// so far.
 fn closing_counts(s: &Server, field: &str) -> Vec<u64> {
     s.log()
@@ -309,6 +310,45 @@ fn large_writes_are_spliced_into_an_image_file_and_land_intact() {
         "{spliced} of {copied}:\n{}",
         s.log()
     );
+    stop_cleanly(s);
+}
+
+/// Large writes to a memory export are read from the socket straight into its pages, over TCP
+/// and over a Unix socket: writes of 1 byte to 2 MiB, on and off page boundaries, overlapping
+/// earlier ones, read back as written (`paged_writes.py`), and the closing lines count the whole
+/// pages as `paged_bytes`.
+#[test]
+fn large_writes_to_memory_go_straight_into_its_pages_and_read_back_intact() {
+    let dir = Scratch::new("paged");
+    let sock = dir.path("nbd.sock");
+    let unix = format!("unix:{}", sock.display());
+    let args = [
+        "--listen",
+        "127.0.0.1:0",
+        "--listen",
+        &unix,
+        "-e",
+        "disk",
+        "raw",
+        "memory:64MiB",
+    ];
+    let s = Server::start(&args);
+    let uris = [
+        s.uri("disk"),
+        format!("nbd+unix:///disk?socket={}", sock.display()),
+    ];
+    for uri in &uris {
+        let out = run_script(PY, "paged_writes.py", &[uri, "8388608"], LIMIT);
+        assert_eq!(out.trim(), "checked 110 writes", "{uri}");
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while closing_counts(&s, "paged_bytes").len() < 2 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let paged = closing_counts(&s, "paged_bytes");
+    // Each connection wrote about 35 MiB in payloads of 64 KiB and more.
+    assert_eq!(paged.len(), 2, "{}", s.log());
+    assert!(paged.iter().all(|&n| n > 16 << 20), "paged_bytes {paged:?}");
     stop_cleanly(s);
 }
 

@@ -122,6 +122,16 @@ fn libnbd_and_qemu_use_tls_and_strangers_are_refused() {
         std::fs::read(&img).unwrap()[..]
     );
 
+    // Writes of every size and alignment, read from TLS records into the memory export's pages,
+    // read back as written.
+    let out = run_script(
+        "/usr/bin/python3",
+        "paged_writes.py",
+        &[&nbds(&s, "disk", &dir, "alice"), "8388608"],
+        Duration::from_secs(300),
+    );
+    assert_eq!(out.trim(), "checked 110 writes");
+
     // qemu with x509 credentials writes and reads back.
     let creds = format!(
         "tls-creds-x509,id=tls0,endpoint=client,dir={}",

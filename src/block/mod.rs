@@ -201,6 +201,46 @@ pub struct WriteTarget<'a> {
     pub inline: &'a InlineWrites,
 }
 
+/// A write's payload read from the socket straight into pages of a device that keeps its bytes
+/// in memory pages (see [`BlockDevice::page_bytes`]): the bytes up to the first page boundary,
+/// the whole pages, and the bytes after the last whole page. The device takes the whole pages as
+/// they are instead of copying them.
+#[derive(Debug)]
+pub struct PagedWrite {
+    /// Where the write starts.
+    pub offset: u64,
+    /// The bytes before the first page boundary (empty if `offset` is on one).
+    pub head: Bytes,
+    /// Whole pages, each `page_bytes` long, the first starting at `offset + head.len()`.
+    pub pages: Vec<Box<[u8]>>,
+    /// The bytes after the last whole page.
+    pub tail: Bytes,
+}
+
+impl PagedWrite {
+    /// How many bytes the write holds.
+    pub fn len(&self) -> u64 {
+        let pages: usize = self.pages.iter().map(|p| p.len()).sum();
+        (self.head.len() + pages + self.tail.len()) as u64
+    }
+
+    /// Whether it holds none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The payload in one buffer, for a device that copies it anyway.
+    pub fn into_bytes(self) -> Bytes {
+        let mut all = Vec::with_capacity(self.len() as usize);
+        all.extend_from_slice(&self.head);
+        for p in &self.pages {
+            all.extend_from_slice(p);
+        }
+        all.extend_from_slice(&self.tail);
+        Bytes::from(all)
+    }
+}
+
 /// `base:allocation` state of an extent: `NBD_STATE_HOLE`.
 pub const STATE_HOLE: u32 = 1;
 /// `base:allocation` state of an extent: `NBD_STATE_ZERO`.
@@ -341,6 +381,25 @@ pub trait BlockDevice: Send + Sync + fmt::Debug + 'static {
 
     /// Writes `data` at `offset`; with `fua`, durably.
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), BlockError>;
+
+    /// The size of the pages a device keeps its bytes in, if it takes the whole pages of a large
+    /// write's payload as they are (see [`PagedWrite`]): the connection then reads the payload
+    /// from the socket straight into pages of that size and calls [`write_pages`], and the
+    /// bytes are copied once instead of twice. `None` (the default) means "call `write`": only
+    /// a store that keeps the device's bytes in memory answers.
+    ///
+    /// [`write_pages`]: BlockDevice::write_pages
+    fn page_bytes(&self) -> Option<usize> {
+        None
+    }
+
+    /// `write`, with the payload already cut at the page boundaries [`page_bytes`] gave.
+    ///
+    /// [`page_bytes`]: BlockDevice::page_bytes
+    async fn write_pages(&self, data: PagedWrite, fua: bool) -> Result<(), BlockError> {
+        let offset = data.offset;
+        self.write(offset, data.into_bytes(), fua).await
+    }
 
     /// Makes every write that has returned durable.
     async fn flush(&self) -> Result<(), BlockError>;

@@ -259,13 +259,14 @@ async fn transmit<S: Connection>(
                 sendfile_bytes = stats.sendfile_bytes,
                 mapped_bytes = stats.mapped_bytes,
                 spliced_bytes = stats.spliced_bytes,
+                paged_bytes = stats.paged_bytes,
                 buffer_releases = stats.buffer_releases,
                 secs,
                 "{how}"
             );
         }
         Err(e) => {
-            warn!(peer, export, requests = stats.requests, errors = stats.errors, sendfile_bytes = stats.sendfile_bytes, mapped_bytes = stats.mapped_bytes, spliced_bytes = stats.spliced_bytes, buffer_releases = stats.buffer_releases, secs, error = %e, "connection ended");
+            warn!(peer, export, requests = stats.requests, errors = stats.errors, sendfile_bytes = stats.sendfile_bytes, mapped_bytes = stats.mapped_bytes, spliced_bytes = stats.spliced_bytes, paged_bytes = stats.paged_bytes, buffer_releases = stats.buffer_releases, secs, error = %e, "connection ended");
         }
     }
 }

@@ -30,8 +30,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, ready};
 
-use bytes::BytesMut;
+use bytes::{BufMut, BytesMut};
 use rustix::pipe::{PipeFlags, SpliceFlags};
+use socket2::MaybeUninitSlice;
 use tokio::io::{AsyncRead, Interest};
 
 use crate::block::WriteTarget;
@@ -168,6 +169,23 @@ pub trait RequestReader: AsyncRead + Unpin + Send + 'static {
     ) -> Poll<io::Result<usize>> {
         Poll::Ready(Err(io::ErrorKind::Unsupported.into()))
     }
+
+    /// Appends what the stream has to `pages`, each filled to `size` bytes before the next
+    /// gets any: in one system call on a plain socket, straight into the pages' spare capacity
+    /// (not zeroed first), and into the first page with room otherwise. `Ok(0)` at end of
+    /// stream, or when no page has room.
+    fn poll_fill(
+        &mut self,
+        cx: &mut Context<'_>,
+        pages: &mut [Vec<u8>],
+        size: usize,
+    ) -> Poll<io::Result<usize>> {
+        let Some(page) = pages.iter_mut().find(|p| p.len() < size) else {
+            return Poll::Ready(Ok(0));
+        };
+        let room = size - page.len();
+        tokio_util::io::poll_read_buf(std::pin::Pin::new(self), cx, &mut page.limit(room))
+    }
 }
 
 /// Plain sockets: `splice` from the socket, waiting for data as tokio's own reads do.
@@ -176,6 +194,24 @@ macro_rules! socket_request_reader {
         impl RequestReader for $half {
             fn can_splice(&self) -> bool {
                 SIOCATMARK.is_some()
+            }
+
+            fn poll_fill(
+                &mut self,
+                cx: &mut Context<'_>,
+                pages: &mut [Vec<u8>],
+                size: usize,
+            ) -> Poll<io::Result<usize>> {
+                let sock: &$stream = self.as_ref();
+                loop {
+                    ready!(sock.poll_read_ready(cx))?;
+                    match sock.try_io(Interest::READABLE, || {
+                        recv_into_pages(sock.as_fd(), pages, size)
+                    }) {
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                        r => return Poll::Ready(r),
+                    }
+                }
             }
 
             fn poll_splice(
@@ -217,6 +253,45 @@ macro_rules! socket_request_reader {
             }
         }
     };
+}
+
+/// At most this many pages take part in one `recvmsg` (the kernel's `IOV_MAX`).
+const MAX_IOVECS: usize = 1024;
+
+/// One `recvmsg(2)` into the room left in `pages` (each at most `size` bytes long), in order;
+/// each page's length then counts the bytes it got. `unsafe` for that count: the bytes are
+/// written by the kernel, not by Rust.
+#[allow(unsafe_code)]
+fn recv_into_pages(sock: BorrowedFd<'_>, pages: &mut [Vec<u8>], size: usize) -> io::Result<usize> {
+    let got = {
+        let mut room: Vec<MaybeUninitSlice<'_>> = pages
+            .iter_mut()
+            .filter(|p| p.len() < size)
+            .take(MAX_IOVECS)
+            .map(|p| {
+                let n = size - p.len();
+                p.reserve_exact(n);
+                MaybeUninitSlice::new(&mut p.spare_capacity_mut()[..n])
+            })
+            .collect();
+        if room.is_empty() {
+            return Ok(0);
+        }
+        socket2::SockRef::from(&sock).recv_vectored(&mut room)?.0
+    };
+    let mut left = got;
+    for p in pages.iter_mut().filter(|p| p.len() < size) {
+        if left == 0 {
+            break;
+        }
+        let n = (size - p.len()).min(left);
+        // SAFETY: `recvmsg` wrote `got` bytes into the pages' spare capacity, in the order the
+        // slices were given: these `n` are the first bytes after this page's length, within the
+        // capacity reserved above.
+        unsafe { p.set_len(p.len() + n) };
+        left -= n;
+    }
+    Ok(got)
 }
 
 /// Why a splice from a socket, into an empty pipe, would block: the socket is empty
@@ -552,6 +627,78 @@ mod tests {
             assert!(rd.read_buf(buf).await.unwrap() > 0, "stream ended");
         }
         buf.split_to(4).to_vec()
+    }
+
+    /// Pages filled from a socket (one `recvmsg` each time) and through the default path (as
+    /// over TLS) hold the bytes in order, each page to its size, whatever the pieces.
+    #[tokio::test]
+    async fn pages_fill_in_order_from_pieces_and_stop_at_end_of_stream() {
+        for generic in [false, true] {
+            let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let client = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+            let (server, _) = l.accept().await.unwrap();
+            let bytes = pattern(5 * 4096 + 100);
+            send(client, bytes[10..].to_vec(), &[1, 4095, 7000, 100], b"");
+            let mut pages: Vec<Vec<u8>> = (0..5).map(|_| Vec::with_capacity(4096)).collect();
+            // The first page already holds what came with the header.
+            pages[0].extend_from_slice(&bytes[..10]);
+            let mut at = 0;
+            let mut got = 10;
+            if generic {
+                // `tokio::io::ReadHalf` takes the default path.
+                let (mut rd, wr) = tokio::io::split(server);
+                std::mem::forget(wr);
+                while got < 5 * 4096 {
+                    let n = poll_fn(|cx| rd.poll_fill(cx, &mut pages[at..], 4096)).await;
+                    got += n.unwrap();
+                    while at < 5 && pages[at].len() == 4096 {
+                        at += 1;
+                    }
+                }
+            } else {
+                let (mut rd, wr) = server.into_split();
+                std::mem::forget(wr);
+                while got < 5 * 4096 {
+                    let n = poll_fn(|cx| rd.poll_fill(cx, &mut pages[at..], 4096)).await;
+                    got += n.unwrap();
+                    while at < 5 && pages[at].len() == 4096 {
+                        at += 1;
+                    }
+                }
+                // No page with room: nothing is read.
+                let n = poll_fn(|cx| rd.poll_fill(cx, &mut pages, 4096)).await;
+                assert_eq!(n.unwrap(), 0);
+                // The rest of the stream is still there, then its end.
+                let mut rest = Vec::new();
+                rd.read_to_end(&mut rest).await.unwrap();
+                assert_eq!(rest, &bytes[5 * 4096..]);
+            }
+            assert_eq!(got, 5 * 4096, "generic {generic}");
+            assert_eq!(pages.concat(), &bytes[..5 * 4096], "generic {generic}");
+            assert!(pages.iter().all(|p| p.len() == 4096));
+        }
+    }
+
+    /// The end of the stream partway through the pages is `Ok(0)`, with what came counted.
+    #[tokio::test]
+    async fn filling_pages_sees_the_end_of_the_stream() {
+        let (mut rd, mut client) = pair().await;
+        client.write_all(&pattern(3000)).await.unwrap();
+        drop(client);
+        let mut pages: Vec<Vec<u8>> = (0..2).map(|_| Vec::with_capacity(4096)).collect();
+        let mut got = 0;
+        loop {
+            match poll_fn(|cx| rd.poll_fill(cx, &mut pages, 4096))
+                .await
+                .unwrap()
+            {
+                0 => break,
+                n => got += n,
+            }
+        }
+        assert_eq!(got, 3000);
+        assert_eq!(pages[0], pattern(3000));
+        assert!(pages[1].is_empty());
     }
 
     /// On the async worker, and on the blocking pool as while the kernel makes writes wait.

@@ -11,7 +11,7 @@
 //! the page cache goes out by `sendfile`, not copied (see [`ReplyWriter`] and
 //! `BlockDevice::file_range`).
 
-use std::future::Future;
+use std::future::{Future, poll_fn};
 use std::io::{self, IoSlice};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::pin::Pin;
@@ -29,7 +29,9 @@ use super::handshake::Session;
 use super::proto::{BASE_ALLOCATION_ID, cflag, cmd, reply, tflag};
 use super::splice::{self, RequestReader, SPLICE_MIN};
 use super::wire::{self, Frames, ReplyMode, Request};
-use crate::block::{BlockError, Extent, FileRange, MAX_PAYLOAD, ReadChunk, ZeroFlags, errno};
+use crate::block::{
+    BlockError, Extent, FileRange, MAX_PAYLOAD, PagedWrite, ReadChunk, ZeroFlags, errno,
+};
 
 /// Budget units per connection; a request costs one unit plus one per 64 KiB it carries, so
 /// at most about 64 MiB or 1024 requests are in flight on one connection.
@@ -41,6 +43,10 @@ const MAX_BATCH: usize = 128;
 const MAX_IOVECS: usize = 1024;
 /// Read-ahead buffer: refilled in steps of this size.
 const READ_CHUNK: usize = 128 * 1024;
+
+/// Write payloads from this size up are read straight into the pages of a device that keeps
+/// its bytes in memory (`BlockDevice::page_bytes`).
+const PAGED_MIN: u64 = 64 * 1024;
 /// A connection that sends nothing for this long gives its read-ahead buffer back and waits
 /// with an [`IDLE_BUF`]-byte one, so that idle connections cost a few KiB each, not
 /// [`READ_CHUNK`]: the allocator hands the memory to busy ones. The next request that does not
@@ -145,6 +151,8 @@ pub struct Stats {
     pub mapped_bytes: u64,
     /// Write payload bytes moved from the socket into a file by `splice`, not read.
     pub spliced_bytes: u64,
+    /// Write payload bytes read from the socket straight into the device's memory pages.
+    pub paged_bytes: u64,
     /// Times the connection, idle, gave its read-ahead buffer back.
     pub buffer_releases: u64,
 }
@@ -166,6 +174,11 @@ enum Op {
     Write {
         offset: u64,
         data: Bytes,
+        fua: bool,
+    },
+    /// A write whose payload was read straight into the device's pages.
+    WritePages {
+        data: PagedWrite,
         fua: bool,
     },
     Flush,
@@ -433,14 +446,26 @@ async fn read_loop<R: RequestReader>(
             lean = true;
             continue;
         }
-        lean = false;
-        let payload = if req.payload > 0 {
-            read_payload(rd, buf, req.payload as usize).await?
-        } else {
-            Bytes::new()
+        let paged = paged_write(rd, buf, session, &req).await?;
+        // After a large write, as after a spliced one, only the next header is read: the next
+        // payload then goes straight into its pages too.
+        lean = paged.is_some();
+        let op = match paged {
+            Some((data, fua)) => {
+                stats.paged_bytes += data.pages.iter().map(|p| p.len() as u64).sum::<u64>();
+                Ok(Op::WritePages { data, fua })
+            }
+            None => {
+                let payload = if req.payload > 0 {
+                    read_payload(rd, buf, req.payload as usize).await?
+                } else {
+                    Bytes::new()
+                };
+                validate(session, &req, payload)
+            }
         };
 
-        match validate(session, &req, payload) {
+        match op {
             Ok(op) => {
                 // Polled once here: a request the device finishes at once (memory, a page-cache
                 // hit) is answered without a task or a wake-up on another worker. One that has
@@ -517,6 +542,71 @@ async fn splice_write<R: RequestReader>(
             Err(e) => failed(session, req, BlockError::io("write", offset, e)),
         },
     ))
+}
+
+/// Reads a large write's payload straight into pages of the device's size, when the device
+/// keeps its bytes in memory pages (`BlockDevice::page_bytes`), the request is valid, and the
+/// payload is not all buffered already: the payload and the request's FUA flag, or `None` when
+/// the payload is still to be read.
+async fn paged_write<R: RequestReader>(
+    rd: &mut R,
+    buf: &mut BytesMut,
+    session: &Session,
+    req: &Request,
+) -> io::Result<Option<(PagedWrite, bool)>> {
+    if req.kind != cmd::WRITE || req.payload < PAGED_MIN || buf.len() as u64 >= req.payload {
+        return Ok(None);
+    }
+    let Some(page) = session.export.device.page_bytes().filter(|&p| p > 0) else {
+        return Ok(None);
+    };
+    // An invalid request is refused the usual way, after its payload is read.
+    let Ok(Op::Write { fua, .. }) = validate(session, req, Bytes::new()) else {
+        return Ok(None);
+    };
+    // The payload is at most MAX_PAYLOAD, and page sizes fit in u64.
+    let n = req.payload as usize;
+    let head = (page - (req.offset % page as u64) as usize) % page;
+    let head = head.min(n);
+    let whole = (n - head) / page;
+    let head_bytes = read_payload(rd, buf, head).await?;
+    let pages = read_pages(rd, buf, whole, page).await?;
+    let tail = read_payload(rd, buf, n - head - whole * page).await?;
+    let data = PagedWrite {
+        offset: req.offset,
+        head: head_bytes,
+        pages,
+        tail,
+    };
+    Ok(Some((data, fua)))
+}
+
+/// Reads `count` pages of `size` bytes each, taking what is buffered first, then from the
+/// socket straight into the pages (`RequestReader::poll_fill`).
+async fn read_pages<R: RequestReader>(
+    rd: &mut R,
+    buf: &mut BytesMut,
+    count: usize,
+    size: usize,
+) -> io::Result<Vec<Box<[u8]>>> {
+    let mut pages: Vec<Vec<u8>> = (0..count).map(|_| Vec::with_capacity(size)).collect();
+    // The first page with room.
+    let mut at = 0;
+    while at < count {
+        if !buf.is_empty() {
+            let take = buf.len().min(size - pages[at].len());
+            pages[at].extend_from_slice(&buf.split_to(take));
+        } else if poll_fn(|cx| rd.poll_fill(cx, &mut pages[at..], size)).await? == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "client closed the connection inside a write payload",
+            ));
+        }
+        while at < count && pages[at].len() == size {
+            at += 1;
+        }
+    }
+    Ok(pages.into_iter().map(Vec::into_boxed_slice).collect())
 }
 
 /// The reply to a request the device failed, logged unless it is an expected answer.
@@ -768,6 +858,7 @@ async fn execute(session: &Session, file_reads: FileReads, req: &Request, op: Op
             Err(e) => Err(e),
         },
         Op::Write { offset, data, fua } => dev.write(offset, data, fua).await.map(|()| ok()),
+        Op::WritePages { data, fua } => dev.write_pages(data, fua).await.map(|()| ok()),
         Op::Flush => dev.flush().await.map(|()| ok()),
         Op::Trim { offset, len, fua } => dev.trim(offset, len, fua).await.map(|()| ok()),
         Op::Zero { offset, len, flags } => {

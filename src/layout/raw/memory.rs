@@ -8,6 +8,10 @@
 //! Reads copy nothing: a reply holds a reference to each page it covers, and the socket write
 //! copies straight from the page. A write to a page that a reply still holds copies the page
 //! first (copy on write), so a reply always carries the data as it was when the read ran.
+//!
+//! Large writes copy once: the connection reads their payloads from the socket straight into
+//! new pages ([`PagedWrite`]), which replace the old ones whole; only the bytes before the first
+//! page boundary and after the last are copied into pages. A reply holding an old page keeps it.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -16,8 +20,8 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 use crate::block::{
-    BlockDevice, BlockError, BlockSizes, DeviceInfo, Extent, ReadChunk, ReadData, STATE_HOLE,
-    STATE_ZERO, ZeroFlags,
+    BlockDevice, BlockError, BlockSizes, DeviceInfo, Extent, PagedWrite, ReadChunk, ReadData,
+    STATE_HOLE, STATE_ZERO, ZeroFlags,
 };
 
 const PAGE: u64 = 32 * 1024;
@@ -136,6 +140,23 @@ impl MemoryImage {
         }
     }
 
+    fn write_pages_sync(&self, w: PagedWrite) {
+        let mut at = w.offset;
+        self.write_sync(at, &w.head);
+        at += w.head.len() as u64;
+        for p in w.pages {
+            let n = p.len() as u64;
+            if at.is_multiple_of(PAGE) && n == PAGE {
+                self.shard(at / PAGE).insert(at / PAGE, Arc::new(p));
+            } else {
+                // Not cut at this image's pages: copied, as any write.
+                self.write_sync(at, &p);
+            }
+            at += n;
+        }
+        self.write_sync(at, &w.tail);
+    }
+
     fn zero_sync(&self, offset: u64, len: u64) {
         // Whole pages are dropped; the partial pages at either end are zeroed in place.
         let first_whole = offset.div_ceil(PAGE);
@@ -221,6 +242,19 @@ impl BlockDevice for MemoryImage {
         Ok(())
     }
 
+    fn page_bytes(&self) -> Option<usize> {
+        // PAGE fits in usize.
+        Some(PAGE as usize)
+    }
+
+    async fn write_pages(&self, data: PagedWrite, _fua: bool) -> Result<(), BlockError> {
+        if self.info.read_only {
+            return Err(BlockError::ReadOnly);
+        }
+        self.write_pages_sync(data);
+        Ok(())
+    }
+
     async fn flush(&self) -> Result<(), BlockError> {
         Ok(())
     }
@@ -267,6 +301,67 @@ mod tests {
 
     fn read_all(m: &MemoryImage, offset: u64, len: u32) -> Vec<u8> {
         m.read_sync(offset, len).to_bytes().to_vec()
+    }
+
+    /// Whole pages of a paged write replace the old ones (a reply holding an old page keeps its
+    /// bytes), the bytes before and after them are copied in, and a page not cut at this
+    /// image's boundaries is copied like any write.
+    #[tokio::test]
+    async fn paged_writes_land_where_they_belong_and_leave_lent_pages_alone() {
+        let m = MemoryImage::new(1 << 20, false);
+        let old: Vec<u8> = vec![0x11; 4 * PAGE as usize];
+        m.write_sync(0, &old);
+        let lent = m.read_sync(PAGE, PAGE as u32).to_bytes();
+        let p = PAGE as usize;
+        let data: Vec<u8> = (0..(100 + 2 * p + 300)).map(|i| (i % 253) as u8).collect();
+        let w = PagedWrite {
+            offset: PAGE - 100,
+            head: Bytes::copy_from_slice(&data[..100]),
+            pages: vec![
+                data[100..100 + p].to_vec().into_boxed_slice(),
+                data[100 + p..100 + 2 * p].to_vec().into_boxed_slice(),
+            ],
+            tail: Bytes::copy_from_slice(&data[100 + 2 * p..]),
+        };
+        assert_eq!(w.len(), data.len() as u64);
+        m.write_pages(w, false).await.unwrap();
+        let mut want = old.clone();
+        want.resize(8 * p, 0);
+        want[p - 100..p - 100 + data.len()].copy_from_slice(&data);
+        assert_eq!(read_all(&m, 0, 8 * PAGE as u32), want);
+        assert_eq!(&lent[..], &old[..p]);
+
+        // Pages that do not start on a page boundary are copied.
+        let w = PagedWrite {
+            offset: 10,
+            head: Bytes::new(),
+            pages: vec![vec![0x22; p].into_boxed_slice()],
+            tail: Bytes::new(),
+        };
+        m.write_pages(w, false).await.unwrap();
+        want[10..10 + p].fill(0x22);
+        assert_eq!(read_all(&m, 0, 8 * PAGE as u32), want);
+
+        // The default for other devices: one buffer, in order.
+        let w = PagedWrite {
+            offset: 0,
+            head: Bytes::from_static(b"ab"),
+            pages: vec![Box::from(&b"cd"[..]), Box::from(&b"e"[..])],
+            tail: Bytes::from_static(b"f"),
+        };
+        assert_eq!(&w.into_bytes()[..], b"abcdef");
+
+        let ro = MemoryImage::new(1 << 20, true);
+        let w = PagedWrite {
+            offset: 0,
+            head: Bytes::new(),
+            pages: vec![vec![1; p].into_boxed_slice()],
+            tail: Bytes::new(),
+        };
+        assert!(matches!(
+            ro.write_pages(w, false).await,
+            Err(BlockError::ReadOnly)
+        ));
     }
 
     #[test]
