@@ -1664,6 +1664,137 @@ fn read_only_export_refuses_writes_with_eperm() {
     assert_eq!(n.read(0, 1024), vec![0; 1024]);
 }
 
+/// Large writes to a memory export are read straight into its pages, with FUA or without:
+/// every one lands where it should, over each reply mode, whether its payload comes with its
+/// header or in pieces after it. Bad ones get the same answers as anywhere else, with their
+/// payloads consumed. A client gone partway through a payload leaves the export as it was.
+#[test]
+fn large_writes_to_memory_land_and_bad_ones_are_refused() {
+    let srv = Server::start();
+    let mut seed = 40;
+    for mode in [Mode::Simple, Mode::Structured, Mode::Extended] {
+        let mut n = connect_go(&srv, "disk", mode, false);
+        seed += 1;
+        // Unaligned at both ends, then on page boundaries, then with FUA.
+        let data = pattern(seed, (MIB + 1000) as usize);
+        n.write(32 * KIB - 7, &data);
+        assert_eq!(n.read(32 * KIB - 7, data.len() as u64), data, "{mode:?}");
+        let aligned = pattern(seed + 50, 2 * MIB as usize);
+        n.write(4 * MIB, &aligned);
+        assert_eq!(n.read(4 * MIB, 2 * MIB), aligned, "{mode:?}");
+        let fua = pattern(seed + 100, 96 * KIB as usize);
+        let r = n.call(
+            n.write_flags() | CMD_FLAG_FUA,
+            CMD_WRITE,
+            3 * MIB + 1,
+            fua.len() as u64,
+            &fua,
+        );
+        n.expect_ok(&r, "96 KiB WRITE with FUA");
+        assert_eq!(n.read(3 * MIB + 1, fua.len() as u64), fua, "{mode:?}");
+        // A payload sent in pieces, the header alone first.
+        let pieces = pattern(seed + 150, (256 * KIB + 3) as usize);
+        let cookie = 77;
+        n.c.send(&request_bytes(
+            mode,
+            n.write_flags(),
+            CMD_WRITE,
+            cookie,
+            10 * MIB + 5,
+            pieces.len() as u64,
+        ));
+        for part in pieces.chunks(50_000) {
+            thread::sleep(Duration::from_millis(10));
+            n.c.send(part);
+        }
+        let r = n.reply(cookie, 10 * MIB + 5, None);
+        n.expect_ok(&r, "WRITE whose payload came in pieces");
+        assert_eq!(
+            n.read(10 * MIB + 5, pieces.len() as u64),
+            pieces,
+            "{mode:?}"
+        );
+        let big = pattern(seed + 200, MIB as usize);
+        n.write_err(
+            63 * MIB + 4096,
+            &big,
+            ENOSPC,
+            "1 MiB WRITE straddling the end of the export",
+        );
+        let r = n.call(
+            n.write_flags() | CMD_FLAG_NO_HOLE,
+            CMD_WRITE,
+            20 * MIB,
+            MIB,
+            &big,
+        );
+        n.expect_err(&r, EINVAL, "1 MiB WRITE with NO_HOLE");
+        assert_eq!(n.read(20 * MIB, MIB), vec![0; MIB as usize], "{mode:?}");
+        assert_eq!(n.read(63 * MIB, MIB), vec![0; MIB as usize], "{mode:?}");
+        n.send(0, CMD_DISC, 0, 0, 0, &[]);
+        n.c.expect_closed("after NBD_CMD_DISC");
+    }
+    let mut n = connect_go(&srv, "ro", Mode::Structured, false);
+    n.write_err(
+        0,
+        &pattern(50, 512 * KIB as usize),
+        EPERM,
+        "512 KiB WRITE on a read-only memory export",
+    );
+    assert_eq!(n.read(0, 512 * KIB), vec![0; 512 * KIB as usize]);
+    n.send(0, CMD_DISC, 0, 0, 0, &[]);
+    n.c.expect_closed("after NBD_CMD_DISC");
+
+    // Gone after 100,000 bytes of a 1 MiB payload at 30 MiB + 1000, sent in two pieces:
+    // nothing of it lands.
+    let mut n = connect_go(&srv, "disk", Mode::Structured, false);
+    let data = pattern(51, 100_000);
+    let mut b = request_bytes(Mode::Structured, 0, CMD_WRITE, 9, 30 * MIB + 1000, MIB);
+    b.extend_from_slice(&data[..3000]);
+    n.c.send(&b);
+    thread::sleep(Duration::from_millis(100));
+    n.c.send(&data[3000..]);
+    thread::sleep(Duration::from_millis(100));
+    drop(n);
+    let deadline = Instant::now() + TIMEOUT;
+    while srv.logged("inside a write payload").is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "no log line for the broken write"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    let mut n = connect_go(&srv, "disk", Mode::Structured, false);
+    assert_eq!(n.read(30 * MIB, 2 * MIB), vec![0; 2 * MIB as usize]);
+    n.send(0, CMD_DISC, 0, 0, 0, &[]);
+    n.c.expect_closed("after NBD_CMD_DISC");
+
+    while srv.logged("client disconnected").len() < 5 {
+        assert!(
+            Instant::now() < deadline,
+            "no closing lines:\n{:?}",
+            srv.logged("")
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    let paged: Vec<u64> = srv
+        .logged("client disconnected")
+        .iter()
+        .map(|l| {
+            let v = l.split("paged_bytes=").nth(1).expect("paged_bytes field");
+            v.split_whitespace().next().unwrap().parse().unwrap()
+        })
+        .collect();
+    // Each connection of the three modes took its good writes' whole pages straight from the
+    // socket (its refused ones none): at least the 2 MiB aligned write and more, not more than
+    // all it wrote; the read-only one and the last reader none.
+    assert!(
+        paged[..3].iter().all(|n| (3 * MIB..=4 * MIB).contains(n)),
+        "{paged:?}"
+    );
+    assert_eq!(paged[3..], [0, 0], "{paged:?}");
+}
+
 /// Large writes to an image file go from the socket into the file (`splice`), except those
 /// with FUA: every one lands where it should, over each reply mode. Bad ones get the same
 /// answers as anywhere else, with their payloads consumed. A client gone partway through a

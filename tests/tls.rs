@@ -131,6 +131,19 @@ fn libnbd_and_qemu_use_tls_and_strangers_are_refused() {
         Duration::from_secs(300),
     );
     assert_eq!(out.trim(), "checked 110 writes");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !s
+        .log()
+        .lines()
+        .any(|l| l.contains("client disconnected") && !l.contains(" paged_bytes=0 "))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no connection counted paged bytes:\n{}",
+            s.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 
     // qemu with x509 credentials writes and reads back.
     let creds = format!(

@@ -151,7 +151,8 @@ pub struct Stats {
     pub mapped_bytes: u64,
     /// Write payload bytes moved from the socket into a file by `splice`, not read.
     pub spliced_bytes: u64,
-    /// Write payload bytes read from the socket straight into the device's memory pages.
+    /// Write payload bytes that went into whole pages of the device's memory (read straight
+    /// from a plain socket, or copied from bytes already read ahead or decrypted).
     pub paged_bytes: u64,
     /// Times the connection, idle, gave its read-ahead buffer back.
     pub buffer_releases: u64,

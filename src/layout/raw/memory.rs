@@ -9,9 +9,10 @@
 //! copies straight from the page. A write to a page that a reply still holds copies the page
 //! first (copy on write), so a reply always carries the data as it was when the read ran.
 //!
-//! Large writes copy once: the connection reads their payloads from the socket straight into
-//! new pages ([`PagedWrite`]), which replace the old ones whole; only the bytes before the first
-//! page boundary and after the last are copied into pages. A reply holding an old page keeps it.
+//! Large writes copy once: on a plain socket the connection reads their payloads straight into
+//! new pages ([`PagedWrite`]), which replace the old ones whole; the bytes before the first page
+//! boundary and after the last, and any the connection had already read ahead, are copied. A
+//! reply holding an old page keeps it.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
