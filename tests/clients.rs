@@ -32,9 +32,16 @@ fn image_over_tcp_and_unix(
     env: &[(String, String)],
 ) -> (Server, [String; 2], std::path::PathBuf) {
     let img = dir.path("disk.img");
+    let image = format!("file:{}?size=64MiB", img.display());
+    let (s, uris) = over_tcp_and_unix(dir, &image, env);
+    (s, uris, img)
+}
+
+/// A server with one raw export `disk` of `conn` on loopback TCP and on a Unix socket in
+/// `dir`, and the URIs of both.
+fn over_tcp_and_unix(dir: &Scratch, conn: &str, env: &[(String, String)]) -> (Server, [String; 2]) {
     let sock = dir.path("nbd.sock");
     let unix = format!("unix:{}", sock.display());
-    let image = format!("file:{}?size=64MiB", img.display());
     let args = [
         "--listen",
         "127.0.0.1:0",
@@ -43,14 +50,14 @@ fn image_over_tcp_and_unix(
         "-e",
         "disk",
         "raw",
-        &image,
+        conn,
     ];
     let s = Server::start_with_env(&args, env);
     let uris = [
         s.uri("disk"),
         format!("nbd+unix:///disk?socket={}", sock.display()),
     ];
-    (s, uris, img)
+    (s, uris)
 }
 
 /// The value of a counter (`sendfile_bytes`, `mapped_bytes`, `spliced_bytes`, `paged_bytes`) in
@@ -320,23 +327,7 @@ fn large_writes_are_spliced_into_an_image_file_and_land_intact() {
 #[test]
 fn large_writes_to_memory_go_straight_into_its_pages_and_read_back_intact() {
     let dir = Scratch::new("paged");
-    let sock = dir.path("nbd.sock");
-    let unix = format!("unix:{}", sock.display());
-    let args = [
-        "--listen",
-        "127.0.0.1:0",
-        "--listen",
-        &unix,
-        "-e",
-        "disk",
-        "raw",
-        "memory:64MiB",
-    ];
-    let s = Server::start(&args);
-    let uris = [
-        s.uri("disk"),
-        format!("nbd+unix:///disk?socket={}", sock.display()),
-    ];
+    let (s, uris) = over_tcp_and_unix(&dir, "memory:64MiB", &[]);
     for uri in &uris {
         let out = run_script(PY, "paged_writes.py", &[uri, "8388608"], LIMIT);
         assert_eq!(out.trim(), "checked 110 writes", "{uri}");

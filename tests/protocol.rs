@@ -191,6 +191,49 @@ impl Server {
         log.iter().filter(|l| l.contains(what)).cloned().collect()
     }
 
+    /// Waits for `n` connections' closing lines, and returns the counter `field` of each.
+    fn closing_counts(&self, n: usize, field: &str) -> Vec<u64> {
+        let deadline = Instant::now() + TIMEOUT;
+        while self.logged("client disconnected").len() < n {
+            assert!(
+                Instant::now() < deadline,
+                "no closing lines:\n{:?}",
+                self.logged("")
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+        let closing = self.logged("client disconnected");
+        assert_eq!(closing.len(), n, "{closing:?}");
+        closing
+            .iter()
+            .map(|l| {
+                let v = l.split(&format!("{field}=")).nth(1).expect(field);
+                v.split_whitespace().next().unwrap().parse().unwrap()
+            })
+            .collect()
+    }
+
+    /// Sends a 1 MiB WRITE at `offset` with the first 3,000 of `data` and then the rest, and
+    /// goes away partway through its payload; waits for the server to say so.
+    fn write_partly_and_vanish(&self, export: &str, offset: u64, data: &[u8]) {
+        let mut n = connect_go(self, export, Mode::Structured, false);
+        let mut b = request_bytes(Mode::Structured, 0, CMD_WRITE, 9, offset, MIB);
+        b.extend_from_slice(&data[..3000]);
+        n.c.send(&b);
+        thread::sleep(Duration::from_millis(100));
+        n.c.send(&data[3000..]);
+        thread::sleep(Duration::from_millis(100));
+        drop(n);
+        let deadline = Instant::now() + TIMEOUT;
+        while self.logged("inside a write payload").is_empty() {
+            assert!(
+                Instant::now() < deadline,
+                "no log line for the broken write"
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     fn pid(&self) -> u32 {
         self.child.0.id()
     }
@@ -1747,44 +1790,13 @@ fn large_writes_to_memory_land_and_bad_ones_are_refused() {
 
     // Gone after 100,000 bytes of a 1 MiB payload at 30 MiB + 1000, sent in two pieces:
     // nothing of it lands.
-    let mut n = connect_go(&srv, "disk", Mode::Structured, false);
-    let data = pattern(51, 100_000);
-    let mut b = request_bytes(Mode::Structured, 0, CMD_WRITE, 9, 30 * MIB + 1000, MIB);
-    b.extend_from_slice(&data[..3000]);
-    n.c.send(&b);
-    thread::sleep(Duration::from_millis(100));
-    n.c.send(&data[3000..]);
-    thread::sleep(Duration::from_millis(100));
-    drop(n);
-    let deadline = Instant::now() + TIMEOUT;
-    while srv.logged("inside a write payload").is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "no log line for the broken write"
-        );
-        thread::sleep(Duration::from_millis(20));
-    }
+    srv.write_partly_and_vanish("disk", 30 * MIB + 1000, &pattern(51, 100_000));
     let mut n = connect_go(&srv, "disk", Mode::Structured, false);
     assert_eq!(n.read(30 * MIB, 2 * MIB), vec![0; 2 * MIB as usize]);
     n.send(0, CMD_DISC, 0, 0, 0, &[]);
     n.c.expect_closed("after NBD_CMD_DISC");
 
-    while srv.logged("client disconnected").len() < 5 {
-        assert!(
-            Instant::now() < deadline,
-            "no closing lines:\n{:?}",
-            srv.logged("")
-        );
-        thread::sleep(Duration::from_millis(20));
-    }
-    let paged: Vec<u64> = srv
-        .logged("client disconnected")
-        .iter()
-        .map(|l| {
-            let v = l.split("paged_bytes=").nth(1).expect("paged_bytes field");
-            v.split_whitespace().next().unwrap().parse().unwrap()
-        })
-        .collect();
+    let paged = srv.closing_counts(5, "paged_bytes");
     // Each connection of the three modes took its good writes' whole pages straight from the
     // socket (its refused ones none): at least the 2 MiB aligned write and more, not more than
     // all it wrote; the read-only one and the last reader none.
@@ -1871,47 +1883,13 @@ fn large_writes_to_an_image_file_land_and_bad_ones_are_refused() {
     n.c.expect_closed("after NBD_CMD_DISC");
 
     // Gone after 10,000 bytes of a 1 MiB payload at 5 MiB + 1000, sent in two pieces.
-    let mut n = connect_go(&srv, "img", Mode::Structured, false);
     let data = pattern(31, 10_000);
-    let mut b = request_bytes(Mode::Structured, 0, CMD_WRITE, 9, 5 * MIB + 1000, MIB);
-    b.extend_from_slice(&data[..3000]);
-    n.c.send(&b);
-    thread::sleep(Duration::from_millis(100));
-    n.c.send(&data[3000..]);
-    thread::sleep(Duration::from_millis(100));
-    drop(n);
-    let deadline = Instant::now() + TIMEOUT;
-    while srv.logged("inside a write payload").is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "no log line for the broken write"
-        );
-        thread::sleep(Duration::from_millis(20));
-    }
+    srv.write_partly_and_vanish("img", 5 * MIB + 1000, &data);
     assert_eq!(on_disk(5 * MIB, 1000), vec![0; 1000]);
     assert_eq!(on_disk(5 * MIB + 1000, 8192 - 1000), data[..8192 - 1000]);
     assert_eq!(on_disk(5 * MIB + 8192, 8192), vec![0; 8192]);
 
-    while srv.logged("client disconnected").len() < 4 {
-        assert!(
-            Instant::now() < deadline,
-            "no closing lines:\n{:?}",
-            srv.logged("")
-        );
-        thread::sleep(Duration::from_millis(20));
-    }
-    let closing = srv.logged("client disconnected");
-    assert_eq!(closing.len(), 4, "{closing:?}");
-    let spliced: Vec<u64> = closing
-        .iter()
-        .map(|l| {
-            let v = l
-                .split("spliced_bytes=")
-                .nth(1)
-                .expect("spliced_bytes field");
-            v.split_whitespace().next().unwrap().parse().unwrap()
-        })
-        .collect();
+    let spliced = srv.closing_counts(4, "spliced_bytes");
     // Each image connection spliced most of its 1 MiB write (some of it came with the header);
     // the read-only one spliced nothing.
     assert!(
