@@ -176,6 +176,7 @@ use futures::{StreamExt, TryStreamExt};
 use serde::{Deserialize, Deserializer};
 use tokio::sync::{Notify, Semaphore, watch};
 
+use crate::block::buffers::read_exact_at_unzeroed;
 use crate::block::inline::InlineWrites;
 use crate::block::sync_group::SyncGroup;
 use crate::block::{
@@ -2097,10 +2098,7 @@ impl Shared {
     /// Runs on the blocking pool: reads part of a block from its pinned slot, then unpins it.
     /// A clean block that cannot be read is dropped (it is read from below instead).
     fn read_slot(&self, block: u64, slot: u32, start: u64, len: usize) -> io::Result<Bytes> {
-        let mut buf = vec![0u8; len];
-        let r = self
-            .data
-            .read_exact_at(&mut buf, self.slot_offset(slot) + start);
+        let r = read_exact_at_unzeroed(&self.data, len, self.slot_offset(slot) + start);
         let mut st = self.lock();
         st.unpin(block, slot);
         if r.is_err()
@@ -2113,7 +2111,7 @@ impl Shared {
         }
         drop(st);
         self.changed.notify_waiters();
-        r.map(|()| Bytes::from(buf))
+        r.map(Bytes::from)
     }
 
     /// Reads `len` bytes at `start` within `block`.
@@ -3227,9 +3225,11 @@ impl Shared {
                     continue;
                 }
                 // Within a block.
-                let mut buf = vec![0u8; (b - a) as usize];
-                self.data
-                    .read_exact_at(&mut buf, self.slot_offset(c.slot) + a)?;
+                let buf = read_exact_at_unzeroed(
+                    &self.data,
+                    (b - a) as usize,
+                    self.slot_offset(c.slot) + a,
+                )?;
                 out.push((c.block * self.block_size + a, Bytes::from(buf)));
             }
         }
