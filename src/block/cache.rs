@@ -178,6 +178,7 @@ use tokio::sync::{Notify, Semaphore, watch};
 
 use crate::block::buffers::read_exact_at_unzeroed;
 use crate::block::inline::InlineWrites;
+use crate::block::is_zero;
 use crate::block::sync_group::SyncGroup;
 use crate::block::{
     BlockDevice, BlockError, DeviceInfo, Extent, Journal, JournalEntry, MAX_PAYLOAD, ReadChunk,
@@ -878,12 +879,6 @@ fn fill_runs(
         data.write_all_at(&below[a..b], base + a as u64)?;
     }
     Ok(())
-}
-
-/// True if every byte is zero.
-fn is_zero(data: &[u8]) -> bool {
-    data.chunks(256)
-        .all(|c| c.iter().fold(0u8, |a, &b| a | b) == 0)
 }
 
 // ---------------------------------------------------------------------------------------------

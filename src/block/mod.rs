@@ -479,3 +479,37 @@ pub trait Journal: Send + Sync + fmt::Debug {
     /// before it relies on what the journal holds.
     async fn append(&self, entries: Vec<JournalEntry>, keep_from: u64) -> Result<u64, BlockError>;
 }
+
+/// True if every byte is zero. Checks 64 bytes at a time, which the compiler vectorises, and
+/// stops at the first block with data. (Looking at the first 16 bytes before the rest made no
+/// difference in a profile of the cache's writes: what a sector's check costs is the first
+/// touch of its memory.)
+pub fn is_zero(data: &[u8]) -> bool {
+    let mut blocks = data.chunks_exact(64);
+    let whole = blocks
+        .by_ref()
+        .all(|b| b.iter().fold(0u8, |acc, &x| acc | x) == 0);
+    whole && blocks.remainder().iter().all(|&x| x == 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn is_zero_finds_any_nonzero_byte() {
+        assert!(is_zero(&[]));
+        assert!(is_zero(&[0; 7]));
+        assert!(is_zero(&[0; 1000]));
+        for len in [1, 15, 16, 17, 300, 1000] {
+            for at in [0, 15, 16, 63, 64, 271, 272, 999] {
+                if at >= len {
+                    continue;
+                }
+                let mut v = vec![0u8; len];
+                v[at] = 1;
+                assert!(!is_zero(&v), "{len} {at}");
+            }
+        }
+    }
+}

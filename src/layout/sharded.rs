@@ -57,7 +57,7 @@ use tokio::sync::RwLock;
 
 use crate::block::{
     BlockDevice, BlockError, BlockSizes, DeviceInfo, Extent, Journal, JournalEntry, ReadChunk,
-    ReadData, STATE_HOLE, STATE_ZERO, ZeroFlags,
+    ReadData, STATE_HOLE, STATE_ZERO, ZeroFlags, is_zero,
 };
 use crate::layout::journal::{self, Overlay, Source, record_key, record_number};
 use crate::store::{ObjectStore, StoreError, check_key};
@@ -1167,16 +1167,6 @@ impl ShardedVolume {
     }
 }
 
-/// True if every byte is zero. Checks 64 bytes at a time, which the compiler vectorises, and
-/// stops at the first block with data (so data costs almost nothing to check).
-fn is_zero(data: &[u8]) -> bool {
-    let mut blocks = data.chunks_exact(64);
-    let whole = blocks
-        .by_ref()
-        .all(|b| b.iter().fold(0u8, |acc, &x| acc | x) == 0);
-    whole && blocks.remainder().iter().all(|&x| x == 0)
-}
-
 fn parse_metadata(name: &str, key: &str, raw: &[u8]) -> Result<Metadata, ShardedError> {
     let bad = |reason: String| ShardedError::BadMetadata {
         name: name.to_owned(),
@@ -1787,17 +1777,6 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(keys(&store).await, ["p.volume"]);
-    }
-
-    #[test]
-    fn is_zero_finds_any_nonzero_byte() {
-        assert!(is_zero(&[]));
-        assert!(is_zero(&[0; 1000]));
-        for at in [0, 63, 64, 999] {
-            let mut v = vec![0u8; 1000];
-            v[at] = 1;
-            assert!(!is_zero(&v), "{at}");
-        }
     }
 
     #[tokio::test]
