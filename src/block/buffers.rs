@@ -116,7 +116,7 @@ pub fn read_exact_at_unzeroed(file: &File, len: usize, offset: u64) -> io::Resul
             Ok(0) => {
                 return Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
-                    "failed to fill whole buffer",
+                    "the file ended before the read did",
                 ));
             }
             Ok(_) => {}

@@ -25,7 +25,7 @@ use rustix::fs::{FallocateFlags, SeekFrom};
 use rustix::io::Errno;
 use tracing::info;
 
-use crate::block::buffers::Buffer;
+use crate::block::buffers::{Buffer, read_exact_at_unzeroed};
 use crate::block::inline::InlineWrites;
 use crate::block::mapped::Windows;
 use crate::block::sync_group::SyncGroup;
@@ -367,28 +367,6 @@ fn resident(file: &File, offset: u64, len: u32) -> io::Result<bool> {
     Ok(stat.nr_cache >= pages)
 }
 
-/// `len` bytes at `offset`, read into fresh memory without zeroing it first.
-fn read_exact_at(f: &File, offset: u64, len: usize) -> io::Result<Vec<u8>> {
-    let mut buf = Vec::with_capacity(len);
-    while buf.len() < len {
-        let at = offset + buf.len() as u64;
-        // Reads into the spare capacity and extends the length by what was read.
-        match rustix::io::pread(f, rustix::buffer::spare_capacity(&mut buf), at) {
-            Ok(0) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "the image ended before the read did",
-                ));
-            }
-            Ok(_) => {}
-            Err(Errno::INTR) => {}
-            Err(e) => return Err(errno_to_io(e)),
-        }
-    }
-    buf.truncate(len);
-    Ok(buf)
-}
-
 fn errno_to_io(e: Errno) -> io::Error {
     io::Error::from_raw_os_error(e.raw_os_error())
 }
@@ -457,7 +435,7 @@ impl BlockDevice for FileImage {
         }
         let bytes = self
             .blocking("read", offset, move |f| {
-                read_exact_at(f, offset, len as usize)
+                read_exact_at_unzeroed(f, len as usize, offset)
             })
             .await?;
         Ok(ReadData::data(Bytes::from(bytes)))
@@ -720,8 +698,7 @@ mod tests {
         assert!(img.file_range((1 << 20) - 4096, 1 << 20).is_none());
         let e = img.read((1 << 20) - 4096, 1 << 20).await.unwrap_err();
         assert!(
-            e.to_string()
-                .contains("the image ended before the read did"),
+            e.to_string().contains("the file ended before the read did"),
             "{e}"
         );
         std::fs::remove_file(&p).unwrap();
