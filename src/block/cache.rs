@@ -1869,7 +1869,7 @@ struct Shared {
     /// Wakes the index syncer.
     sync_kick: Notify,
     /// One index sync at a time; FLUSHes that queue share the next one.
-    syncs: SyncGroup,
+    syncs: Arc<SyncGroup>,
     shutdown: watch::Sender<bool>,
     /// The uploader and the index syncer, awaited by `close`.
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
@@ -3287,12 +3287,13 @@ impl Shared {
         Ok(())
     }
 
-    /// Runs the index sync on the blocking pool.
+    /// Runs the index sync on the blocking pool; waits for one under way without a thread.
     async fn sync_local(self: &Arc<Self>, force: bool) -> Result<(), BlockError> {
         let shared = Arc::clone(self);
         // A forced sync (FLUSH, FUA) is done by any that begins after it is asked for.
         let ticket = if force { self.syncs.ticket() } else { u64::MAX };
-        blocking(move || shared.syncs.sync(ticket, || shared.local_sync(force)))
+        self.syncs
+            .sync_async(ticket, move || shared.local_sync(force))
             .await
             .map_err(|e| {
                 tracing::error!(dir = %self.dir.display(), error = %e, "cannot sync the cache index");
@@ -4004,7 +4005,7 @@ impl CacheLayer {
             changed: Notify::new(),
             kick: Notify::new(),
             sync_kick: Notify::new(),
-            syncs: SyncGroup::default(),
+            syncs: Arc::new(SyncGroup::default()),
             shutdown,
             tasks: Mutex::new(Vec::new()),
             waiting_writers: AtomicUsize::new(0),

@@ -504,9 +504,11 @@ impl BlockDevice for FileImage {
             return Ok(());
         }
         let ticket = self.syncs.ticket();
-        let syncs = Arc::clone(&self.syncs);
-        self.blocking("flush", 0, move |f| sync_data(&syncs, ticket, f))
+        let file = Arc::clone(&self.file);
+        self.syncs
+            .sync_async(ticket, move || file.sync_data().map(|()| true))
             .await
+            .map_err(|e| BlockError::io("flush", 0, e))
     }
 
     async fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<(), BlockError> {
