@@ -118,6 +118,12 @@ struct Dirty {
     dirs: HashSet<PathBuf>,
 }
 
+impl Dirty {
+    fn is_empty(&self) -> bool {
+        self.files.is_empty() && self.dirs.is_empty()
+    }
+}
+
 impl std::fmt::Debug for FileStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("FileStore")
@@ -529,6 +535,14 @@ impl ObjectStore for FileStore {
     }
 
     async fn flush(&self) -> Result<(), StoreError> {
+        // Nothing written since the last flush, and none under way (whose files may not be
+        // durable yet): nothing to wait for, and no thread to take for it. A cache over a
+        // sharded volume flushes the store before every journal record.
+        if let Ok(_idle) = self.inner.flushing.try_lock()
+            && self.inner.dirty().is_empty()
+        {
+            return Ok(());
+        }
         self.blocking("flush", "", |s, _| s.flush()).await
     }
 }
@@ -673,6 +687,47 @@ mod tests {
         assert!(s.get("d", None).await.unwrap().is_none());
         s.delete("d", false).await.unwrap();
         assert_eq!(s.head("d/x").await.unwrap(), Some(1));
+    }
+
+    #[test]
+    fn a_flush_with_nothing_to_sync_needs_no_thread_but_waits_for_one_under_way() {
+        let dir = TempDir::new("flush-idle");
+        // The only pool thread is taken.
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .max_blocking_threads(1)
+            .enable_time()
+            .build()
+            .unwrap();
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let (s, blocker) = rt.block_on(async {
+            let s = Arc::new(FileStore::open(&dir.0, true).unwrap());
+            s.put("a", Bytes::from_static(b"1"), false).await.unwrap();
+            s.flush().await.unwrap();
+            let blocker = tokio::task::spawn_blocking(move || held.recv());
+            (s, blocker)
+        });
+        rt.block_on(async {
+            tokio::time::timeout(std::time::Duration::from_secs(5), s.flush())
+                .await
+                .expect("a flush with nothing dirty waits for no thread")
+                .unwrap();
+        });
+        release.send(()).unwrap();
+        rt.block_on(blocker).unwrap().unwrap();
+        // With one under way, even a flush that finds nothing dirty waits for it: the files
+        // it took may not be durable yet.
+        let syncing = s.inner.flushing.lock().unwrap();
+        let waited = rt.block_on(async {
+            tokio::time::timeout(std::time::Duration::from_millis(200), s.flush())
+                .await
+                .is_err()
+        });
+        assert!(
+            waited,
+            "a flush must not report before the one under way is done"
+        );
+        drop(syncing);
+        rt.block_on(s.flush()).unwrap();
     }
 
     #[test]
