@@ -222,18 +222,28 @@ mod tests {
         }
     }
 
+    /// `n` callers of `g` on threads of their own, each with the ticket of when it was started,
+    /// counting the syncs they run in `ran`.
+    fn blocking_callers(
+        g: &Arc<SyncGroup>,
+        ran: &Arc<AtomicU64>,
+        n: usize,
+    ) -> Vec<std::thread::JoinHandle<io::Result<()>>> {
+        (0..n)
+            .map(|_| {
+                let (g, ran) = (Arc::clone(g), Arc::clone(ran));
+                let ticket = g.ticket();
+                std::thread::spawn(move || g.sync(ticket, counted(&ran)))
+            })
+            .collect()
+    }
+
     #[test]
     fn callers_queued_behind_a_sync_share_the_next_one() {
         let g = Arc::new(SyncGroup::default());
         let ran = Arc::new(AtomicU64::new(0));
         let held = g.hold();
-        let callers: Vec<_> = (0..6)
-            .map(|_| {
-                let (g, ran) = (Arc::clone(&g), Arc::clone(&ran));
-                let ticket = g.ticket();
-                std::thread::spawn(move || g.sync(ticket, counted(&ran)))
-            })
-            .collect();
+        let callers = blocking_callers(&g, &ran, 6);
         g.until_waiting(6);
         drop(held);
         for c in callers {
@@ -364,20 +374,14 @@ mod tests {
         let ran = Arc::new(AtomicU64::new(0));
         let held = g.hold();
         let callers = async_callers(&g, &ran, 3);
-        let blocking: Vec<_> = (0..3)
-            .map(|_| {
-                let (g, ran) = (Arc::clone(&g), Arc::clone(&ran));
-                let ticket = g.ticket();
-                tokio::task::spawn_blocking(move || g.sync(ticket, counted(&ran)))
-            })
-            .collect();
+        let blocking = blocking_callers(&g, &ran, 3);
         g.until_waiting(6);
         drop(held);
         for c in callers {
             c.await.unwrap().unwrap();
         }
         for b in blocking {
-            b.await.unwrap().unwrap();
+            b.join().unwrap().unwrap();
         }
         assert_eq!(ran.load(Ordering::SeqCst), 1);
     }
