@@ -286,10 +286,26 @@ impl FileImage {
             )),
         }
     }
+
+    /// `sync_data` from the async side: waits for a sync under way without a thread (see
+    /// `SyncGroup::sync_async`).
+    async fn sync_from(
+        &self,
+        op: &'static str,
+        offset: u64,
+        ticket: u64,
+    ) -> Result<(), BlockError> {
+        let file = Arc::clone(&self.file);
+        self.syncs
+            .sync_async(ticket, move || file.sync_data().map(|()| true))
+            .await
+            .map_err(|e| BlockError::io(op, offset, e))
+    }
 }
 
 /// `fdatasync` for a request that arrived (FLUSH) or finished its change (FUA) when `ticket`
-/// was taken, shared with others that queue behind one.
+/// was taken, shared with others that queue behind one; on the blocking pool, for a change
+/// made there.
 fn sync_data(syncs: &SyncGroup, ticket: u64, f: &File) -> io::Result<()> {
     syncs.sync(ticket, || f.sync_data().map(|()| true))
 }
@@ -480,35 +496,27 @@ impl BlockDevice for FileImage {
         if self.info.read_only {
             return Err(BlockError::ReadOnly);
         }
-        // Small writes go straight to the page cache (see `block::inline`); FUA ones need a
-        // sync, which waits for the disk, so they go through the pool.
-        if !fua && self.inline.allowed(data.len()) {
-            return self
-                .inline
+        // Small writes go straight to the page cache (see `block::inline`).
+        if self.inline.allowed(data.len()) {
+            self.inline
                 .run(|| self.file.write_all_at(&data, offset))
-                .map_err(|e| BlockError::io("write", offset, e));
+                .map_err(|e| BlockError::io("write", offset, e))?;
+        } else {
+            self.blocking("write", offset, move |f| f.write_all_at(&data, offset))
+                .await?;
         }
-        let syncs = Arc::clone(&self.syncs);
-        self.blocking("write", offset, move |f| {
-            f.write_all_at(&data, offset)?;
-            if fua {
-                sync_data(&syncs, syncs.ticket(), f)?;
-            }
-            Ok(())
-        })
-        .await
+        if fua {
+            // Taken now that the write is done: a sync begun from here on covers it.
+            self.sync_from("write", offset, self.syncs.ticket()).await?;
+        }
+        Ok(())
     }
 
     async fn flush(&self) -> Result<(), BlockError> {
         if self.info.read_only {
             return Ok(());
         }
-        let ticket = self.syncs.ticket();
-        let file = Arc::clone(&self.file);
-        self.syncs
-            .sync_async(ticket, move || file.sync_data().map(|()| true))
-            .await
-            .map_err(|e| BlockError::io("flush", 0, e))
+        self.sync_from("flush", 0, self.syncs.ticket()).await
     }
 
     async fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<(), BlockError> {
