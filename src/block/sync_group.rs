@@ -350,21 +350,38 @@ mod tests {
             .collect()
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn async_callers_wait_without_the_lock_and_one_syncs_for_all() {
+    /// Awaits `f`, failing the test after 5 s rather than hanging it.
+    async fn within<T>(f: impl std::future::Future<Output = T>) -> T {
+        tokio::time::timeout(std::time::Duration::from_secs(5), f)
+            .await
+            .expect("not done within 5 s")
+    }
+
+    #[test]
+    fn async_callers_wait_without_a_thread_and_one_syncs_for_all() {
+        // One pool thread: callers parked on it would keep the probe below from running.
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .max_blocking_threads(1)
+            .enable_time()
+            .build()
+            .unwrap();
         let g = Arc::new(SyncGroup::default());
         let ran = Arc::new(AtomicU64::new(0));
         let held = g.hold();
-        let callers = async_callers(&g, &ran, 6);
+        let callers = rt.block_on(async { async_callers(&g, &ran, 6) });
         g.until_waiting(6);
-        // Waiting, none of them took the lock (nor a thread to wait for it on).
-        assert_eq!(g.locked(), 0);
+        // Its thread is free for other work meanwhile.
+        rt.block_on(async { within(tokio::task::spawn_blocking(|| ())).await })
+            .unwrap();
         drop(held);
-        for c in callers {
-            c.await.unwrap().unwrap();
-        }
+        rt.block_on(async {
+            for c in callers {
+                within(c).await.unwrap().unwrap();
+            }
+        });
         assert_eq!(ran.load(Ordering::SeqCst), 1);
-        // Only the one that synced took it.
+        // Only the one that synced took the lock.
         assert_eq!(g.locked(), 1);
     }
 
@@ -378,7 +395,7 @@ mod tests {
         g.until_waiting(6);
         drop(held);
         for c in callers {
-            c.await.unwrap().unwrap();
+            within(c).await.unwrap().unwrap();
         }
         for b in blocking {
             b.join().unwrap().unwrap();
@@ -408,12 +425,12 @@ mod tests {
             .unwrap();
         // The client went away; its sync goes on.
         first.abort();
-        assert!(first.await.unwrap_err().is_cancelled());
+        assert!(within(first).await.unwrap_err().is_cancelled());
         let ran = Arc::new(AtomicU64::new(0));
         let late = async_callers(&g, &ran, 1);
         go.send(()).unwrap();
         for c in late {
-            c.await.unwrap().unwrap();
+            within(c).await.unwrap().unwrap();
         }
         // The late caller's writes may have been passed by the first sync: it ran its own.
         assert_eq!(ran.load(Ordering::SeqCst), 1);
@@ -431,7 +448,7 @@ mod tests {
         let locked = g.locked();
         let ran = Arc::new(AtomicU64::new(0));
         for c in async_callers(&g, &ran, 2) {
-            let e = c.await.unwrap().unwrap_err();
+            let e = within(c).await.unwrap().unwrap_err();
             assert_eq!(
                 e.to_string(),
                 "an earlier sync of this file failed, and the kernel may have dropped what it \
