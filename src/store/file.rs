@@ -354,7 +354,9 @@ impl Inner {
             self.chain(&parent)
         } else if sync {
             // The file may have been created by an earlier call with `sync = false`: its
-            // entry is durable only once the directories that call left dirty are synced.
+            // entry is durable only once the directories that call left dirty are synced. A
+            // flush under way may have taken them and not synced them yet: it ends first.
+            let _flushed = self.flushing.lock().unwrap_or_else(|e| e.into_inner());
             let dirty = self.dirty();
             let mut chain = self.chain(&parent);
             chain.retain(|d| dirty.dirs.contains(d));
@@ -728,6 +730,37 @@ mod tests {
         );
         drop(syncing);
         rt.block_on(s.flush()).unwrap();
+    }
+
+    #[test]
+    fn a_durable_range_write_waits_for_a_flush_that_took_its_directories() {
+        let dir = TempDir::new("range-sync");
+        let s = FileStore::open(&dir.0, true).unwrap();
+        let inner = Arc::clone(&s.inner);
+        // Created without a sync: its directories are left to the next flush.
+        inner.put_range("d/x", 0, b"1", 8, false).unwrap();
+        // That flush is under way: it took them and has not synced them yet.
+        let syncing = inner.flushing.lock().unwrap();
+        let taken = std::mem::take(&mut *inner.dirty());
+        assert!(taken.dirs.contains(&dir.0.join("d")));
+        let (done, finished) = std::sync::mpsc::channel();
+        let writer = Arc::clone(&inner);
+        let t = std::thread::spawn(move || {
+            let r = writer.put_range("d/x", 1, b"2", 8, true);
+            let _ = done.send(());
+            r
+        });
+        assert!(
+            finished
+                .recv_timeout(std::time::Duration::from_millis(200))
+                .is_err(),
+            "a durable write must not report before the entry that holds it is durable"
+        );
+        drop(syncing);
+        finished
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .expect("the write goes on once the flush is done");
+        t.join().unwrap().unwrap();
     }
 
     #[test]
