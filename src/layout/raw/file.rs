@@ -287,8 +287,9 @@ impl FileImage {
         }
     }
 
-    /// `sync_data` from the async side: waits for a sync under way without a thread (see
-    /// `SyncGroup::sync_async`).
+    /// `fdatasync` for a request that arrived (FLUSH) or finished its change (FUA) when
+    /// `ticket` was taken, shared with others that queue behind one; waits for a sync under way
+    /// without a thread (see `SyncGroup::sync_async`).
     async fn sync_from(
         &self,
         op: &'static str,
@@ -301,13 +302,6 @@ impl FileImage {
             .await
             .map_err(|e| BlockError::io(op, offset, e))
     }
-}
-
-/// `fdatasync` for a request that arrived (FLUSH) or finished its change (FUA) when `ticket`
-/// was taken, shared with others that queue behind one; on the blocking pool, for a change
-/// made there.
-fn sync_data(syncs: &SyncGroup, ticket: u64, f: &File) -> io::Result<()> {
-    syncs.sync(ticket, || f.sync_data().map(|()| true))
 }
 
 /// Reads larger than this skip the `RWF_NOWAIT` attempt.
@@ -523,21 +517,21 @@ impl BlockDevice for FileImage {
         if self.info.read_only {
             return Err(BlockError::ReadOnly);
         }
-        let syncs = Arc::clone(&self.syncs);
-        self.blocking("trim", offset, move |f| {
-            let flags = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
-            match rustix::fs::fallocate(f, flags, offset, len) {
-                Ok(()) => {}
-                // TRIM is a hint: a file system that cannot punch holes ignores it.
-                Err(e) if unsupported(&errno_to_io(e)) => return Ok(()),
-                Err(e) => return Err(errno_to_io(e)),
-            }
-            if fua {
-                sync_data(&syncs, syncs.ticket(), f)?;
-            }
-            Ok(())
-        })
-        .await
+        let punched = self
+            .blocking("trim", offset, move |f| {
+                let flags = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
+                match rustix::fs::fallocate(f, flags, offset, len) {
+                    Ok(()) => Ok(true),
+                    // TRIM is a hint: a file system that cannot punch holes ignores it.
+                    Err(e) if unsupported(&errno_to_io(e)) => Ok(false),
+                    Err(e) => Err(errno_to_io(e)),
+                }
+            })
+            .await?;
+        if fua && punched {
+            self.sync_from("trim", offset, self.syncs.ticket()).await?;
+        }
+        Ok(())
     }
 
     async fn write_zeroes(
@@ -549,7 +543,6 @@ impl BlockDevice for FileImage {
         if self.info.read_only {
             return Err(BlockError::ReadOnly);
         }
-        let syncs = Arc::clone(&self.syncs);
         let result = self
             .blocking("write_zeroes", offset, move |f| {
                 let mode = if flags.no_hole {
@@ -567,17 +560,17 @@ impl BlockDevice for FileImage {
                     }
                     Err(e) => return Err(errno_to_io(e)),
                 }
-                if flags.fua {
-                    sync_data(&syncs, syncs.ticket(), f)?;
-                }
                 Ok(true)
             })
             .await?;
-        if result {
-            Ok(())
-        } else {
-            Err(BlockError::FastZeroUnsupported)
+        if !result {
+            return Err(BlockError::FastZeroUnsupported);
         }
+        if flags.fua {
+            self.sync_from("write_zeroes", offset, self.syncs.ticket())
+                .await?;
+        }
+        Ok(())
     }
 
     async fn cache(&self, offset: u64, len: u64) -> Result<(), BlockError> {
@@ -632,28 +625,36 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn flushes_and_fua_writes_that_queue_behind_a_sync_share_the_next_one() {
+    async fn flushes_and_fua_requests_that_queue_behind_a_sync_share_the_next_one() {
         let p = tmp("sync-group");
         let img = Arc::new(FileImage::open(&p, Some(1 << 20), false).unwrap());
-        img.write(0, Bytes::from(vec![3u8; 4096]), false)
+        img.write(0, Bytes::from(vec![3u8; 16 * 4096]), false)
             .await
             .unwrap();
         let started = img.syncs.started();
         let held = img.syncs.hold();
         let waiting = img.syncs.waiters();
         let mut queued = Vec::new();
-        for i in 0..6u64 {
+        for i in 0..8u64 {
             let img = Arc::clone(&img);
+            let at = (i + 1) * 4096;
             queued.push(tokio::spawn(async move {
-                if i % 2 == 0 {
-                    img.flush().await
-                } else {
-                    img.write(i * 4096, Bytes::from(vec![i as u8; 4096]), true)
-                        .await
+                match i % 4 {
+                    0 => img.flush().await,
+                    1 => img.write(at, Bytes::from(vec![i as u8; 4096]), true).await,
+                    2 => img.trim(at, 4096, true).await,
+                    _ => {
+                        let flags = ZeroFlags {
+                            fua: true,
+                            no_hole: true,
+                            fast: false,
+                        };
+                        img.write_zeroes(at, 4096, flags).await
+                    }
                 }
             }));
         }
-        img.syncs.until_waiting(waiting + 6);
+        img.syncs.until_waiting(waiting + 8);
         drop(held);
         for q in queued {
             q.await.unwrap().unwrap();
@@ -661,8 +662,13 @@ mod tests {
         assert_eq!(img.syncs.started(), started + 1);
         let back = std::fs::read(&p).unwrap();
         std::fs::remove_file(&p).unwrap();
-        assert!(back[..4096].iter().all(|&b| b == 3));
-        assert!(back[5 * 4096..6 * 4096].iter().all(|&b| b == 5));
+        let block = |n: usize| &back[n * 4096..(n + 1) * 4096];
+        assert!(block(0).iter().all(|&b| b == 3));
+        assert!(block(2).iter().all(|&b| b == 1));
+        assert!(block(6).iter().all(|&b| b == 5));
+        for n in [3, 4, 7, 8] {
+            assert!(block(n).iter().all(|&b| b == 0), "block {n}");
+        }
     }
 
     #[tokio::test]
