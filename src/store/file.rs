@@ -732,6 +732,33 @@ mod tests {
         rt.block_on(s.flush()).unwrap();
     }
 
+    /// Runs `call` on a thread of its own while `syncing` (the flushing lock, held as by a
+    /// flush under way) is held: it must not return (`why`) until the lock is given up, and
+    /// then it must. Returns what it returned.
+    fn waits_for_the_flush<T: Send + 'static>(
+        syncing: MutexGuard<'_, ()>,
+        call: impl FnOnce() -> T + Send + 'static,
+        why: &str,
+    ) -> T {
+        let (done, finished) = std::sync::mpsc::channel();
+        let t = std::thread::spawn(move || {
+            let r = call();
+            let _ = done.send(());
+            r
+        });
+        assert!(
+            finished
+                .recv_timeout(std::time::Duration::from_millis(200))
+                .is_err(),
+            "{why}"
+        );
+        drop(syncing);
+        finished
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .expect("it goes on once the flush is done");
+        t.join().unwrap()
+    }
+
     #[test]
     fn a_durable_range_write_waits_for_a_flush_that_took_its_directories() {
         let dir = TempDir::new("range-sync");
@@ -743,24 +770,13 @@ mod tests {
         let syncing = inner.flushing.lock().unwrap();
         let taken = std::mem::take(&mut *inner.dirty());
         assert!(taken.dirs.contains(&dir.0.join("d")));
-        let (done, finished) = std::sync::mpsc::channel();
         let writer = Arc::clone(&inner);
-        let t = std::thread::spawn(move || {
-            let r = writer.put_range("d/x", 1, b"2", 8, true);
-            let _ = done.send(());
-            r
-        });
-        assert!(
-            finished
-                .recv_timeout(std::time::Duration::from_millis(200))
-                .is_err(),
-            "a durable write must not report before the entry that holds it is durable"
-        );
-        drop(syncing);
-        finished
-            .recv_timeout(std::time::Duration::from_secs(30))
-            .expect("the write goes on once the flush is done");
-        t.join().unwrap().unwrap();
+        waits_for_the_flush(
+            syncing,
+            move || writer.put_range("d/x", 1, b"2", 8, true),
+            "a durable write must not report before the entry that holds it is durable",
+        )
+        .unwrap();
     }
 
     #[test]
@@ -770,24 +786,13 @@ mod tests {
         let inner = Arc::clone(&s.inner);
         // A flush under way: it took the dirty set and is syncing it.
         let syncing = inner.flushing.lock().unwrap();
-        let (done, finished) = std::sync::mpsc::channel();
         let second = Arc::clone(&inner);
-        let t = std::thread::spawn(move || {
-            let r = second.flush();
-            let _ = done.send(());
-            r
-        });
-        assert!(
-            finished
-                .recv_timeout(std::time::Duration::from_millis(200))
-                .is_err(),
-            "a second flush must not report before the first one's files are durable"
-        );
-        drop(syncing);
-        finished
-            .recv_timeout(std::time::Duration::from_secs(30))
-            .expect("the second flush runs once the first is done");
-        t.join().unwrap().unwrap();
+        waits_for_the_flush(
+            syncing,
+            move || second.flush(),
+            "a second flush must not report before the first one's files are durable",
+        )
+        .unwrap();
     }
 
     #[tokio::test]
