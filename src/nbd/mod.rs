@@ -1,6 +1,7 @@
 //! The NBD protocol: wire format without I/O, the handshake, and the transmission phase.
 
 pub mod handshake;
+pub mod lowat;
 pub mod proto;
 pub mod splice;
 pub mod transmission;
@@ -38,10 +39,11 @@ pub trait Connection: AsyncRead + AsyncWrite + Unpin + Send + 'static {
 }
 
 impl Connection for tokio::net::TcpStream {
-    type Read = tokio::net::tcp::OwnedReadHalf;
+    type Read = lowat::TcpReader;
     type Write = tokio::net::tcp::OwnedWriteHalf;
     fn halves(self) -> (Self::Read, Self::Write) {
-        self.into_split()
+        let (rd, wr) = self.into_split();
+        (lowat::TcpReader::new(rd), wr)
     }
 }
 

@@ -35,6 +35,7 @@ use rustix::pipe::{PipeFlags, SpliceFlags};
 use socket2::MaybeUninitSlice;
 use tokio::io::{AsyncRead, Interest};
 
+use super::lowat::TcpReader;
 use crate::block::WriteTarget;
 use crate::block::inline::InlineWrites;
 
@@ -158,7 +159,9 @@ pub trait RequestReader: AsyncRead + Unpin + Send + 'static {
 
     /// Moves up to `max` bytes into `pipe`, which holds `held` bytes, when the socket has some;
     /// `Ok(0)` at end of stream. If the pipe takes nothing while the socket has bytes, it is
-    /// full of pages: `make_room` empties it, and the splice is tried again.
+    /// full of pages: `make_room` empties it, and the splice is tried again. The client must
+    /// owe at least `max` more bytes: a TCP socket may wait until they have all arrived
+    /// (`nbd::lowat`).
     fn poll_splice(
         &mut self,
         _cx: &mut Context<'_>,
@@ -173,7 +176,8 @@ pub trait RequestReader: AsyncRead + Unpin + Send + 'static {
     /// Appends what the stream has to `pages`, each filled to `size` bytes before the next
     /// gets any: in one system call on a plain socket, straight into the pages' spare capacity
     /// (not zeroed first), and into the first page with room otherwise. `Ok(0)` at end of
-    /// stream, or when no page has room.
+    /// stream, or when no page has room. The client must owe at least the room the pages
+    /// have: a TCP socket may wait until it has all arrived (`nbd::lowat`).
     fn poll_fill(
         &mut self,
         cx: &mut Context<'_>,
@@ -188,7 +192,8 @@ pub trait RequestReader: AsyncRead + Unpin + Send + 'static {
     }
 }
 
-/// Plain sockets: `splice` from the socket, waiting for data as tokio's own reads do.
+/// Plain sockets: `splice` from the socket, waiting for data as tokio's own reads do, but
+/// for the rest of a payload at once where the socket allows (`PayloadWait`).
 macro_rules! socket_request_reader {
     ($half:ty, $stream:ty) => {
         impl RequestReader for $half {
@@ -208,7 +213,10 @@ macro_rules! socket_request_reader {
                     match sock.try_io(Interest::READABLE, || {
                         recv_into_pages(sock.as_fd(), pages, size)
                     }) {
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            let due = pages.iter().map(|p| size.saturating_sub(p.len())).sum();
+                            PayloadWait::before_wait(self, due)?;
+                        }
                         r => return Poll::Ready(r),
                     }
                 }
@@ -246,13 +254,33 @@ macro_rules! socket_request_reader {
                             }
                         }
                     }) {
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            PayloadWait::before_wait(self, max)?;
+                        }
                         r => return Poll::Ready(r),
                     }
                 }
             }
         }
     };
+}
+
+/// What a socket reader does before it waits, on an empty socket, for `due` more bytes of a
+/// payload: a TCP socket raises its `SO_RCVLOWAT` (`nbd::lowat`).
+trait PayloadWait {
+    fn before_wait(&self, due: usize) -> io::Result<()>;
+}
+
+impl PayloadWait for TcpReader {
+    fn before_wait(&self, due: usize) -> io::Result<()> {
+        self.expect(due)
+    }
+}
+
+impl PayloadWait for tokio::net::unix::OwnedReadHalf {
+    fn before_wait(&self, _due: usize) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// At most this many pages take part in one `recvmsg` (the kernel's `IOV_MAX`).
@@ -337,7 +365,7 @@ fn at_urgent_mark(sock: BorrowedFd<'_>) -> bool {
     r == 0 && at != 0
 }
 
-socket_request_reader!(tokio::net::tcp::OwnedReadHalf, tokio::net::TcpStream);
+socket_request_reader!(TcpReader, tokio::net::TcpStream);
 socket_request_reader!(tokio::net::unix::OwnedReadHalf, tokio::net::UnixStream);
 
 impl<S: AsyncRead + Send + Unpin + 'static> RequestReader for tokio::io::ReadHalf<S> {}
@@ -560,6 +588,7 @@ fn read_pipe(pipe: &Pipe, out: &mut Vec<u8>, n: usize) -> io::Result<()> {
 mod tests {
     use super::*;
     use crate::block::inline::InlineWrites;
+    use crate::nbd::lowat::tests::rcvlowat;
     use bytes::BufMut;
     use std::os::fd::AsRawFd;
     use std::path::PathBuf;
@@ -572,13 +601,13 @@ mod tests {
     }
 
     /// A connected pair: the server's read half, and the client.
-    async fn pair() -> (tokio::net::tcp::OwnedReadHalf, TcpStream) {
+    async fn pair() -> (TcpReader, TcpStream) {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let client = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
         let (server, _) = l.accept().await.unwrap();
         let (rd, wr) = server.into_split();
         std::mem::forget(wr);
-        (rd, client)
+        (TcpReader::new(rd), client)
     }
 
     /// The client sends `pieces` of `bytes` with pauses, so that they arrive one by one, then
@@ -611,8 +640,15 @@ mod tests {
         (dir, path, file)
     }
 
+    /// `fut`'s output, or a failed test if it takes more than 5 s: a wait that never ends.
+    async fn within<F: Future>(fut: F) -> F::Output {
+        tokio::time::timeout(Duration::from_secs(5), fut)
+            .await
+            .expect("still waiting after 5 s")
+    }
+
     /// Reads the first `n` bytes of the payload, as if they had come with the request header.
-    async fn prefix(rd: &mut tokio::net::tcp::OwnedReadHalf, n: usize) -> BytesMut {
+    async fn prefix(rd: &mut TcpReader, n: usize) -> BytesMut {
         let mut buf = BytesMut::new();
         while buf.len() < n {
             let want = n - buf.len();
@@ -622,7 +658,7 @@ mod tests {
     }
 
     /// Reads the `NEXT` the client sent after the payload: the stream is in step.
-    async fn next_four(rd: &mut tokio::net::tcp::OwnedReadHalf, buf: &mut BytesMut) -> Vec<u8> {
+    async fn next_four(rd: &mut TcpReader, buf: &mut BytesMut) -> Vec<u8> {
         while buf.len() < 4 {
             assert!(rd.read_buf(buf).await.unwrap() > 0, "stream ended");
         }
@@ -665,7 +701,8 @@ mod tests {
                     }
                 }
             } else {
-                let (mut rd, wr) = server.into_split();
+                let (rd, wr) = server.into_split();
+                let mut rd = TcpReader::new(rd);
                 std::mem::forget(wr);
                 while got < 5 * 4096 {
                     let n = poll_fn(|cx| rd.poll_fill(cx, &mut pages[at..], 4096)).await;
@@ -686,6 +723,92 @@ mod tests {
             assert_eq!(pages.concat(), &bytes[..5 * 4096], "generic {generic}");
             assert!(pages.iter().all(|p| p.len() == 4096));
         }
+    }
+
+    /// Waiting on an empty socket for the rest of a payload, a TCP reader asks the kernel
+    /// (`SO_RCVLOWAT`) to wake it only once all of it is there, and the next plain read puts
+    /// the mark back first. (The kernel may still wake it early, while the receive window is
+    /// smaller than the mark, as on a new connection: the reader then waits again, at the
+    /// mark of what is left.)
+    #[tokio::test]
+    async fn a_payload_wait_sets_the_mark_to_what_is_due() {
+        let marks = crate::nbd::lowat::marks_supported();
+        let (mut rd, mut client) = pair().await;
+        let fd = rd.as_ref().as_raw_fd();
+        let bytes = pattern(256 << 10);
+        client.write_all(&bytes[..10_000]).await.unwrap();
+        // Read as they come (the mark at one byte): the socket is then empty.
+        let pre = within(prefix(&mut rd, 10_000)).await;
+        let mut pages: Vec<Vec<u8>> = (0..64).map(|_| Vec::with_capacity(4096)).collect();
+        for (page, bytes) in pages.iter_mut().zip(pre.chunks(4096)) {
+            page.extend_from_slice(bytes);
+        }
+        let mut got = pre.len();
+        {
+            let mut fill = std::pin::pin!(poll_fn(|cx| rd.poll_fill(cx, &mut pages, 4096)));
+            let short = Duration::from_millis(100);
+            assert!(tokio::time::timeout(short, fill.as_mut()).await.is_err());
+            let due = bytes.len() - got;
+            assert_eq!(rcvlowat(fd), if marks { due } else { 1 });
+            client.write_all(&bytes[got..]).await.unwrap();
+            got += within(fill.as_mut()).await.unwrap();
+        }
+        while got < bytes.len() {
+            got += within(poll_fn(|cx| rd.poll_fill(cx, &mut pages, 4096)))
+                .await
+                .unwrap();
+        }
+        assert_eq!(pages.concat(), bytes);
+        client.write_all(b"NEXT").await.unwrap();
+        assert_eq!(
+            within(next_four(&mut rd, &mut BytesMut::new())).await,
+            b"NEXT"
+        );
+        assert_eq!(rcvlowat(fd), 1);
+    }
+
+    /// The mark is what is due, at most 1 MiB; less than 64 KiB due is read as it comes.
+    #[tokio::test]
+    async fn marks_are_what_is_due_within_bounds() {
+        let marks = crate::nbd::lowat::marks_supported();
+        let (rd, _client) = pair().await;
+        let fd = rd.as_ref().as_raw_fd();
+        for (due, mark) in [
+            (1 << 20, 1 << 20),
+            (3 << 20, 1 << 20),
+            (100_000, 100_000),
+            (64 << 10, 64 << 10),
+            ((64 << 10) - 1, 1),
+            (0, 1),
+        ] {
+            rd.expect(due).unwrap();
+            assert_eq!(rcvlowat(fd), if marks { mark } else { 1 }, "due {due}");
+        }
+    }
+
+    /// A client gone while the reader waits at its mark ends the wait with what it sent.
+    #[tokio::test]
+    async fn the_end_of_the_stream_wakes_a_reader_short_of_its_mark() {
+        let marks = crate::nbd::lowat::marks_supported();
+        let (mut rd, mut client) = pair().await;
+        let fd = rd.as_ref().as_raw_fd();
+        let mut page = vec![Vec::with_capacity(1 << 20)];
+        let mut fill = std::pin::pin!(poll_fn(|cx| rd.poll_fill(cx, &mut page, 1 << 20)));
+        let short = Duration::from_millis(100);
+        assert!(tokio::time::timeout(short, fill.as_mut()).await.is_err());
+        assert_eq!(rcvlowat(fd), if marks { 1 << 20 } else { 1 });
+        client.write_all(&pattern(100_000)).await.unwrap();
+        drop(client);
+        let mut got = 0;
+        loop {
+            let n = within(fill.as_mut()).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            // A `poll_fn` may be polled again: it fills on from where it stopped.
+            got += n;
+        }
+        assert_eq!(got, 100_000);
     }
 
     /// The end of the stream partway through the pages is `Ok(0)`, with what came counted.
@@ -945,6 +1068,40 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(spliced, n as u64);
+        assert!(std::fs::read(&path).unwrap() == data);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// Splicing, too, waits for the rest of a payload at a mark of what is due, and the
+    /// payload lands whole.
+    #[tokio::test]
+    async fn a_splice_wait_sets_the_mark_to_what_is_due() {
+        let marks = crate::nbd::lowat::marks_supported();
+        let n = 256 << 10;
+        let (dir, path, file) = image("mark", n);
+        let inline = InlineWrites::default();
+        let data = pattern(n);
+        let (mut rd, mut client) = pair().await;
+        let fd = rd.as_ref().as_raw_fd();
+        client.write_all(&data[..10_000]).await.unwrap();
+        // As if they had come with the request's header: the socket is then empty.
+        let mut buf = within(prefix(&mut rd, 10_000)).await;
+        let target = WriteTarget {
+            file: &file,
+            offset: 0,
+            inline: &inline,
+        };
+        let pipe = Pipe::take().unwrap();
+        // What the splice waits for: the rest, or as much as the pipe holds.
+        let due = (n - 10_000).min(pipe.capacity);
+        let mark = if marks && due >= 64 << 10 { due } else { 1 };
+        let mut put = std::pin::pin!(splice_payload(&mut rd, &mut buf, &target, pipe, n));
+        let short = Duration::from_millis(100);
+        assert!(tokio::time::timeout(short, put.as_mut()).await.is_err());
+        assert_eq!(rcvlowat(fd), mark);
+        client.write_all(&data[10_000..]).await.unwrap();
+        let spliced = within(put).await.unwrap().unwrap();
+        assert_eq!(spliced, (n - 10_000) as u64);
         assert!(std::fs::read(&path).unwrap() == data);
         std::fs::remove_dir_all(dir).unwrap();
     }

@@ -665,8 +665,9 @@ async fn read_some<R: AsyncRead + Unpin>(
     rd.read_buf(&mut buf.limit(want)).await
 }
 
-/// Reads exactly `n` payload bytes, taking what is buffered first.
-async fn read_payload<R: AsyncRead + Unpin>(
+/// Reads exactly `n` payload bytes, taking what is buffered first: the rest as one page
+/// (`RequestReader::poll_fill`), so that a TCP socket wakes the reader once it has arrived.
+async fn read_payload<R: RequestReader>(
     rd: &mut R,
     buf: &mut BytesMut,
     n: usize,
@@ -674,18 +675,18 @@ async fn read_payload<R: AsyncRead + Unpin>(
     if buf.len() >= n {
         return Ok(buf.split_to(n).freeze());
     }
-    let mut payload = BytesMut::with_capacity(n);
+    let mut payload = Vec::with_capacity(n);
     payload.extend_from_slice(&buf.split());
     while payload.len() < n {
-        let want = n - payload.len();
-        if rd.read_buf(&mut (&mut payload).limit(want)).await? == 0 {
+        let page = std::slice::from_mut(&mut payload);
+        if poll_fn(|cx| rd.poll_fill(cx, page, n)).await? == 0 {
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
                 "client closed the connection inside a write payload",
             ));
         }
     }
-    Ok(payload.freeze())
+    Ok(Bytes::from(payload))
 }
 
 /// Reads and drops `n` payload bytes.
