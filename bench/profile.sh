@@ -24,9 +24,10 @@ trap cleanup EXIT; trap 'exit 130' INT TERM HUP
 wait_up() { for i in $(seq 300); do nbdinfo --size "$1" >/dev/null 2>&1 && return 0; sleep 0.1; done; echo "no server at $1" >&2; exit 1; }
 JOBS=("seqwrite write 1M 8 4000" "seqread read 1M 8 4000" "randread4k randread 4k 32 100000" "randwrite4k randwrite 4k 32 100000")
 EVENTS=raw_syscalls:sys_enter
-for s in read readv recvfrom recvmsg write writev sendto sendmsg pread64 pwrite64 futex epoll_wait epoll_ctl sched_yield madvise mmap munmap mprotect brk io_uring_enter; do
+for s in read readv recvfrom recvmsg write writev sendto sendmsg pread64 pwrite64 splice setsockopt futex epoll_wait epoll_ctl sched_yield madvise mmap munmap mprotect brk io_uring_enter; do
   EVENTS+=",syscalls:sys_enter_$s"
 done
+EVENTS+=",context-switches"
 
 # syscalls WHO URI PID rw bs qd n: syscalls per op
 syscalls() {
