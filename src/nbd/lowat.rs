@@ -6,9 +6,9 @@
 //! in 18 system calls into an image file, by `splice`, where nbdkit's blocking reads take
 //! about six (`bench/profile.sh`, fio, 1 MiB writes at depth 8). So, when a payload's bytes
 //! are due and the socket is empty, the reader sets `SO_RCVLOWAT` to what is still due (at
-//! most [`MAX_MARK`], and only from [`MIN_MARK`] up): the kernel reports the socket readable
-//! once that much has arrived, or the stream has ended. Every other read sets it back to one
-//! byte first.
+//! most [`MAX_MARK`], 256 KiB for a splice, and only from [`MIN_MARK`] up): the kernel reports
+//! the socket readable once that much has arrived, or the stream has ended. Every other read
+//! sets it back to one byte first.
 //!
 //! The mark never asks for a byte the client does not owe: it is set only while the socket
 //! holds nothing, to at most the bytes due for the payload being read, and set again at every
