@@ -80,7 +80,7 @@ impl TcpReader {
     /// Before waiting for a payload on an empty socket: `due` more bytes of it are owed.
     /// An error ends the connection: a mark that could not be lowered might wait for bytes
     /// that never come.
-    pub(super) fn expect(&self, due: usize) -> io::Result<()> {
+    pub(super) fn set_due(&self, due: usize) -> io::Result<()> {
         let mark = if *MARKS && due >= MIN_MARK {
             due.min(MAX_MARK)
         } else {

@@ -279,7 +279,7 @@ trait PayloadWait {
 
 impl PayloadWait for TcpReader {
     fn before_wait(&self, due: usize) -> io::Result<()> {
-        self.expect(due)
+        self.set_due(due)
     }
 }
 
@@ -787,7 +787,7 @@ mod tests {
             ((64 << 10) - 1, 1),
             (0, 1),
         ] {
-            rd.expect(due).unwrap();
+            rd.set_due(due).unwrap();
             assert_eq!(rcvlowat(fd), if marks { mark } else { 1 }, "due {due}");
         }
     }
