@@ -214,7 +214,7 @@ import os, socket, subprocess, sys, tempfile
 j = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
 j.bind("/run/systemd/journal/socket")
 j.settimeout(20)
-d = tempfile.mkdtemp()
+d = tempfile.mkdtemp(dir="/run")  # the private tmpfs: gone with the namespace
 err = open(os.path.join(d, "stderr"), "wb+")
 st = os.fstat(err.fileno())
 env = dict(os.environ, JOURNAL_STREAM="%d:%d" % (st.st_dev, st.st_ino), RUST_LOG="info")
