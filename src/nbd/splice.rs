@@ -616,6 +616,16 @@ mod tests {
         (TcpReader::new(rd), client)
     }
 
+    /// A connected pair whose server side has a receive buffer of 16 MiB, set by hand
+    /// (`SO_RCVBUFFORCE`, as root), with room for marks of up to 2 MiB. A new socket's buffer
+    /// starts at 128 KiB here, room for no mark, and grows only with traffic.
+    async fn roomy_pair() -> (TcpReader, TcpStream) {
+        let (rd, client) = pair().await;
+        rustix::net::sockopt::set_socket_recv_buffer_size_force(rd.as_ref(), 8 << 20)
+            .expect("SO_RCVBUFFORCE: these tests run as root");
+        (rd, client)
+    }
+
     /// The client sends `pieces` of `bytes` with pauses, so that they arrive one by one, then
     /// `after`.
     fn send(mut client: TcpStream, bytes: Vec<u8>, pieces: &[usize], after: &'static [u8]) {
@@ -739,7 +749,7 @@ mod tests {
     #[tokio::test]
     async fn a_payload_wait_sets_the_mark_to_what_is_due() {
         let marks = crate::nbd::lowat::marks_supported();
-        let (mut rd, mut client) = pair().await;
+        let (mut rd, mut client) = roomy_pair().await;
         let fd = rd.as_ref().as_raw_fd();
         let bytes = pattern(256 << 10);
         client.write_all(&bytes[..10_000]).await.unwrap();
@@ -777,7 +787,7 @@ mod tests {
     #[tokio::test]
     async fn marks_are_what_is_due_within_bounds() {
         let marks = crate::nbd::lowat::marks_supported();
-        let (rd, _client) = pair().await;
+        let (rd, _client) = roomy_pair().await;
         let fd = rd.as_ref().as_raw_fd();
         for (due, mark) in [
             (1 << 20, 1 << 20),
@@ -792,11 +802,38 @@ mod tests {
         }
     }
 
+    /// A mark is never more than an eighth of the receive buffer, so setting it never makes
+    /// the kernel grow the buffer, which would clamp the receive window at the mark (over a
+    /// real network the window then stayed there: `bench/wan.sh`). A new connection's buffer
+    /// has room for no mark here; once the buffer has grown, the reader sees the room.
+    #[tokio::test]
+    async fn a_mark_never_grows_the_receive_buffer() {
+        use rustix::net::sockopt::{set_socket_recv_buffer_size_force, socket_recv_buffer_size};
+        let marks = crate::nbd::lowat::marks_supported();
+        let (rd, _client) = pair().await;
+        let fd = rd.as_ref().as_raw_fd();
+        let buffer = socket_recv_buffer_size(rd.as_ref()).unwrap();
+        for due in [3 << 20, 1 << 20, 256 << 10, 64 << 10] {
+            rd.set_due(due).unwrap();
+            let mark = due.min(1 << 20).min(buffer / 8);
+            let mark = if marks && mark >= 64 << 10 { mark } else { 1 };
+            assert_eq!(rcvlowat(fd), mark, "due {due}, buffer {buffer}");
+            assert_eq!(socket_recv_buffer_size(rd.as_ref()).unwrap(), buffer);
+        }
+        // The buffer grows (by hand here, as autotuning would): 8 MiB, room for 1 MiB.
+        set_socket_recv_buffer_size_force(rd.as_ref(), 4 << 20).unwrap();
+        let buffer = socket_recv_buffer_size(rd.as_ref()).unwrap();
+        assert_eq!(buffer, 8 << 20);
+        rd.set_due(3 << 20).unwrap();
+        assert_eq!(rcvlowat(fd), if marks { 1 << 20 } else { 1 });
+        assert_eq!(socket_recv_buffer_size(rd.as_ref()).unwrap(), buffer);
+    }
+
     /// A client gone while the reader waits at its mark ends the wait with what it sent.
     #[tokio::test]
     async fn the_end_of_the_stream_wakes_a_reader_short_of_its_mark() {
         let marks = crate::nbd::lowat::marks_supported();
-        let (mut rd, mut client) = pair().await;
+        let (mut rd, mut client) = roomy_pair().await;
         let fd = rd.as_ref().as_raw_fd();
         let mut page = vec![Vec::with_capacity(1 << 20)];
         let mut fill = std::pin::pin!(poll_fn(|cx| rd.poll_fill(cx, &mut page, 1 << 20)));
@@ -1087,7 +1124,7 @@ mod tests {
         let (dir, path, file) = image("mark", n);
         let inline = InlineWrites::default();
         let data = pattern(n);
-        let (mut rd, mut client) = pair().await;
+        let (mut rd, mut client) = roomy_pair().await;
         let fd = rd.as_ref().as_raw_fd();
         client.write_all(&data[..10_000]).await.unwrap();
         // As if they had come with the request's header: the socket is then empty.
