@@ -14,9 +14,11 @@ use crate::block::cache::{CacheLayer, CacheParams};
 use crate::block::fault::{FaultLayer, FaultParams};
 use crate::block::retry::{RetryLayer, RetryParams};
 use crate::config::model::{ExportConfig, Problem};
-use crate::config::size::{Size, human};
+use crate::config::size::{Size, SizeOrZero, human};
 use crate::layout::raw::{FileImage, MemoryImage};
-use crate::layout::sharded::{DEFAULT_CHUNK_SIZE, ShardedOptions, ShardedVolume};
+use crate::layout::sharded::{
+    DEFAULT_CHUNK_SIZE, DEFAULT_READAHEAD, MAX_READAHEAD, ShardedOptions, ShardedVolume,
+};
 use crate::registry::Kind;
 use crate::store::ObjectStore;
 use crate::store::fault::FaultStore;
@@ -61,6 +63,7 @@ struct FileParams {
 struct ShardedParams {
     chunk_size: Option<Size>,
     name: Option<String>,
+    readahead: Option<SizeOrZero>,
 }
 
 /// Parameters of stages that take none.
@@ -176,6 +179,7 @@ fn params_of(
         }
         "sharded" => {
             let p: ShardedParams = parse(e, stage, problems)?;
+            let mut ok = true;
             if let Some(Size(c)) = p.chunk_size
                 && (!c.is_power_of_two() || !(4096..=1 << 30).contains(&c))
             {
@@ -186,6 +190,18 @@ fn params_of(
                         human(c)
                     ),
                 });
+                ok = false;
+            }
+            if let Some(SizeOrZero(r)) = p.readahead
+                && r > MAX_READAHEAD
+            {
+                problems.push(Problem {
+                    path: at("readahead"),
+                    message: format!("readahead must be at most 1GiB, not {}", human(r)),
+                });
+                ok = false;
+            }
+            if !ok {
                 return None;
             }
             Params::Sharded(p)
@@ -404,12 +420,15 @@ pub async fn build(e: &ExportConfig, ctx: &BuildContext) -> Result<Built, Vec<Pr
                 volume_key = String::new();
                 device = None;
             } else {
-                let vol = ShardedVolume::open(store, opts).await.map_err(|err| {
-                    vec![Problem {
-                        path: vec!["exports".into(), e.name.clone(), "sharded".into()],
-                        message: err.to_string(),
-                    }]
-                })?;
+                let vol = ShardedVolume::open(store, opts)
+                    .await
+                    .map_err(|err| {
+                        vec![Problem {
+                            path: vec!["exports".into(), e.name.clone(), "sharded".into()],
+                            message: err.to_string(),
+                        }]
+                    })?
+                    .with_readahead(sp.readahead.map_or(DEFAULT_READAHEAD, |s| s.0));
                 detail = format!(
                     "{}, {} chunks",
                     human(vol.info().size),

@@ -154,6 +154,11 @@ pub const STAGES: &[Stage] = &[
                 name: "name",
                 doc: "object name prefix (default: the export's name)",
             },
+            Param {
+                name: "readahead",
+                doc: "on S3, whole chunks fetched ahead of a stream of reads, up to 1GiB \
+                      (default \"32MiB\"; \"0\" turns it off)",
+            },
         ],
     },
     Stage {

@@ -188,7 +188,7 @@ flush = "local"
             "nbd-rs: error: {cfg}:3: key \"server.colour\": unknown key (known: listen, default_export, max_connections, handshake_timeout, idle_timeout, sendfile, tls)"
         ),
         format!(
-            "nbd-rs: error: {cfg}:24: export \"d\", stage \"sharded\", key \"chunks\": unknown key (known: chunk_size, name)"
+            "nbd-rs: error: {cfg}:24: export \"d\", stage \"sharded\", key \"chunks\": unknown key (known: chunk_size, name, readahead)"
         ),
         format!(
             "nbd-rs: error: {cfg}:28: export \"d\", stage \"cache\", key \"mode\": unknown value \"write-sideways\" (known: write-back, write-through)"
@@ -245,6 +245,40 @@ attempts = 0
     ];
     want.sort_unstable();
     assert_eq!(got, want, "\n{err}");
+}
+
+/// `readahead` takes a size up to 1 GiB ("0" turns it off); both bad sharded keys are named.
+#[test]
+fn sharded_readahead_is_a_size_of_at_most_a_gibibyte() {
+    let dir = Scratch::new("cfg-readahead");
+    let text = r#"[exports.v]
+pipeline = "sharded -> file"
+size = "1GiB"
+[exports.v.sharded]
+chunk_size = "3MiB"
+readahead = "2GiB"
+[exports.v.file]
+path = "/tmp"
+
+[exports.w]
+pipeline = "sharded -> file"
+size = "1GiB"
+[exports.w.sharded]
+readahead = "0"
+[exports.w.file]
+path = "/tmp"
+"#;
+    let cfg = write(&dir, "readahead.toml", text);
+    let (code, _, err) = nbd_rs(&["check", "--config", &cfg], &[]);
+    assert_eq!(code, 1, "{err}");
+    assert_eq!(
+        err,
+        format!(
+            "nbd-rs: error: {cfg}:5: export \"v\", stage \"sharded\", key \"chunk_size\": chunk_size must be a power of two from 4KiB to 1GiB, not 3 MiB\n\
+             nbd-rs: error: {cfg}:6: export \"v\", stage \"sharded\", key \"readahead\": readahead must be at most 1GiB, not 2 GiB\n\
+             nbd-rs: 2 problem(s) found\n"
+        )
+    );
 }
 
 #[test]

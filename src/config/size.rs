@@ -68,6 +68,32 @@ mod tests {
     }
 
     #[test]
+    fn a_size_or_zero_takes_zero_and_sizes() {
+        #[derive(Debug, serde::Deserialize)]
+        struct T {
+            r: SizeOrZero,
+        }
+        let r = |t: &str| {
+            toml::from_str::<T>(t)
+                .map(|t| t.r.0)
+                .map_err(|e| e.message().to_owned())
+        };
+        assert_eq!(r("r = 0"), Ok(0));
+        assert_eq!(r("r = \"0\""), Ok(0));
+        assert_eq!(r("r = \"32MiB\""), Ok(32 << 20));
+        assert_eq!(r("r = 4096"), Ok(4096));
+        assert_eq!(
+            r("r = -1"),
+            Err("bad size -1: it must not be negative".to_owned())
+        );
+        assert_eq!(r("r = \"0KiB\""), Ok(0));
+        assert_eq!(
+            r("r = \"lots\""),
+            Err("bad size \"lots\": invalid digit found in string (expected a number with an optional unit, like 512, 64KiB, 20GiB or 1T)".to_owned())
+        );
+    }
+
+    #[test]
     fn bad_sizes_say_what_is_wrong() {
         assert_eq!(
             parse_size("abc").unwrap_err().to_string(),
@@ -115,6 +141,45 @@ impl<'de> serde::Deserialize<'de> for Size {
                 match u64::try_from(n) {
                     Ok(n) => self.visit_u64(n),
                     Err(_) => Err(E::custom(format!("bad size {n}: a size must be positive"))),
+                }
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// A size that may be zero, which turns something off: `readahead = "0"` (or `0`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SizeOrZero(pub u64);
+
+impl<'de> serde::Deserialize<'de> for SizeOrZero {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = SizeOrZero;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a size like \"64MiB\", a number of bytes, or 0")
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<SizeOrZero, E> {
+                match parse_size(s) {
+                    Ok(n) => Ok(SizeOrZero(n)),
+                    Err(SizeError::Zero(_)) => Ok(SizeOrZero(0)),
+                    Err(e) => Err(E::custom(e)),
+                }
+            }
+            fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<SizeOrZero, E> {
+                if n == 0 {
+                    return Ok(SizeOrZero(0));
+                }
+                <Size as serde::Deserialize>::deserialize(
+                    serde::de::value::U64Deserializer::<E>::new(n),
+                )
+                .map(|s| SizeOrZero(s.0))
+            }
+            fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<SizeOrZero, E> {
+                match u64::try_from(n) {
+                    Ok(n) => self.visit_u64(n),
+                    Err(_) => Err(E::custom(format!("bad size {n}: it must not be negative"))),
                 }
             }
         }

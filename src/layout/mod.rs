@@ -2,4 +2,5 @@
 
 pub mod journal;
 pub mod raw;
+mod readahead;
 pub mod sharded;

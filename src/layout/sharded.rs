@@ -51,7 +51,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use futures::{StreamExt, TryStreamExt, stream};
+use futures::{FutureExt, StreamExt, TryStreamExt, stream};
 use serde::{Deserialize, Serialize};
 use tokio::sync::RwLock;
 
@@ -60,10 +60,15 @@ use crate::block::{
     ReadData, STATE_HOLE, STATE_ZERO, ZeroFlags, is_zero,
 };
 use crate::layout::journal::{self, Overlay, Source, record_key, record_number};
+use crate::layout::readahead::{ForgetOnDrop, ReadAhead};
 use crate::store::{ObjectStore, StoreError, check_key};
 
 /// The default chunk size: 4 MiB.
 pub const DEFAULT_CHUNK_SIZE: u64 = 4 << 20;
+/// Bytes of chunks fetched ahead of a stream of reads, by default, on stores of whole objects.
+pub const DEFAULT_READAHEAD: u64 = 32 << 20;
+/// The most `readahead` may be.
+pub const MAX_READAHEAD: u64 = 1 << 30;
 /// The smallest chunk size: 4 KiB.
 pub const MIN_CHUNK_SIZE: u64 = 4 << 10;
 /// The largest chunk size: 1 GiB.
@@ -304,6 +309,9 @@ pub struct ShardedVolume {
     locks: Box<[RwLock<()>]>,
     /// The flush journal (offered to layers above only when the volume is writable).
     journal: Arc<VolumeJournal>,
+    /// Fetches of chunks ahead of streams of reads (`layout::readahead`), on stores of whole
+    /// objects; local stores have the page cache's.
+    readahead: Option<ReadAhead>,
 }
 
 impl std::fmt::Debug for ShardedVolume {
@@ -526,7 +534,9 @@ impl ShardedVolume {
             present: Mutex::new(chunks.into_iter().map(|(n, _)| n).collect()),
             locks: (0..STRIPES).map(|_| RwLock::new(())).collect(),
             journal,
-        };
+            readahead: None,
+        }
+        .with_readahead(DEFAULT_READAHEAD);
         // A dry run changes nothing, and needs no data.
         if !records.is_empty() && !read_only {
             volume.apply_journal(records).await?;
@@ -543,6 +553,37 @@ impl ShardedVolume {
     /// Bytes per chunk.
     pub fn chunk_size(&self) -> u64 {
         self.chunk_size
+    }
+
+    /// Fetches up to `bytes` of whole chunks ahead of a stream of reads (none if that is less
+    /// than a chunk), when the store holds whole objects; local stores never do.
+    pub fn with_readahead(mut self, bytes: u64) -> Self {
+        let depth = bytes.min(MAX_READAHEAD) / self.chunk_size;
+        self.readahead = (depth > 0 && !self.put_range).then(|| {
+            ReadAhead::new(
+                usize::try_from(depth).unwrap_or(usize::MAX),
+                self.chunk_size,
+            )
+        });
+        self
+    }
+
+    /// Chunks fetched ahead for a stream of reads, in the order they were started.
+    #[cfg(test)]
+    fn held_ahead(&self) -> Vec<u64> {
+        self.readahead
+            .as_ref()
+            .map_or_else(Vec::new, |ra| ra.held())
+    }
+
+    /// Forgets the chunks of `offset..offset + len` fetched ahead once dropped: a change to
+    /// them has ended.
+    fn forget_after(&self, offset: u64, len: u64) -> ForgetOnDrop<'_> {
+        ForgetOnDrop {
+            ahead: self.readahead.as_ref(),
+            first: offset / self.chunk_size,
+            last: (offset + len.max(1) - 1) / self.chunk_size,
+        }
     }
 
     fn key(&self, chunk: u64) -> String {
@@ -596,6 +637,17 @@ impl ShardedVolume {
         let zero = ReadChunk::Zero(p.len as u32);
         if !self.is_present(p.chunk) {
             return Ok(zero);
+        }
+        if let Some(ra) = &self.readahead {
+            let chunk_len = self.chunk_len(p.chunk);
+            if let Some((fetch, _stop_if_dropped)) = ra.take(p.chunk, p.start + p.len == chunk_len)
+                && let Some(whole) = fetch.await
+                && whole.len() as u64 == chunk_len
+            {
+                // Within the chunk, so within usize.
+                let (from, to) = (p.start as usize, (p.start + p.len) as usize);
+                return Ok(ReadChunk::Data(whole.slice(from..to)));
+            }
         }
         let key = self.key(p.chunk);
         match self.store.get(&key, Some(p.start..p.start + p.len)).await? {
@@ -730,6 +782,7 @@ impl ShardedVolume {
         if len == 0 {
             return Ok(());
         }
+        let _forget = self.forget_after(offset, len);
         let cs = self.chunk_size;
         let end = offset + len;
         let first = offset / cs;
@@ -1207,6 +1260,23 @@ impl BlockDevice for ShardedVolume {
     }
 
     async fn read(&self, offset: u64, len: u32) -> Result<ReadData, BlockError> {
+        if let Some(ra) = &self.readahead
+            && len > 0
+        {
+            let chunks = self.info.size.div_ceil(self.chunk_size);
+            let fetch = |c: u64| {
+                let store = Arc::clone(&self.store);
+                let key = self.key(c);
+                async move { store.get(&key, None).await.ok().flatten() }.boxed()
+            };
+            ra.on_read(
+                offset,
+                offset + u64::from(len),
+                chunks,
+                |c| self.is_present(c),
+                fetch,
+            );
+        }
         let pieces: Vec<ReadChunk> = stream::iter(self.pieces(offset, u64::from(len)))
             .map(|p| self.read_piece(p))
             .buffered(PARALLEL)
@@ -1223,6 +1293,7 @@ impl BlockDevice for ShardedVolume {
         if self.info.read_only {
             return Err(BlockError::ReadOnly);
         }
+        let _forget = self.forget_after(offset, data.len() as u64);
         stream::iter(self.pieces(offset, data.len() as u64))
             .map(|p| {
                 // Within the request, so within usize.
@@ -1598,6 +1669,189 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn behaviour_on_a_store_without_put_range() {
         device_behaviour(TestStore::whole_objects()).await;
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Read-ahead (`layout::readahead`), on stores of whole objects
+
+    /// A volume of 16 chunks, every one written with its own pattern, on a counting store of
+    /// whole objects, reopened with `ahead` chunks of read-ahead: the volume, the store, and
+    /// the bytes.
+    async fn streamed(ahead: u64) -> (ShardedVolume, Arc<TestStore>, Vec<u8>) {
+        let counted = TestStore::whole_objects();
+        let store: Arc<dyn ObjectStore> = counted.clone();
+        let v = open(&store, opts("ra", Some(16 * CS))).await;
+        let mut all = Vec::new();
+        for n in 0..16 {
+            let data = pattern(CS, n as u8);
+            v.write(n * CS, data.clone(), false).await.unwrap();
+            all.extend_from_slice(&data);
+        }
+        drop(v);
+        let v = open(&store, opts("ra", None))
+            .await
+            .with_readahead(ahead * CS);
+        (v, counted, all)
+    }
+
+    /// Waits until the store has been asked for `n` objects in all (fetches run as tasks).
+    async fn gets_reach(store: &TestStore, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while store.gets.load(Ordering::SeqCst) < n {
+            assert!(
+                Instant::now() < deadline,
+                "gets stuck at {}",
+                store.gets.load(Ordering::SeqCst)
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
+    /// A read that starts where the last ended fetches the chunks after it, up to the depth;
+    /// reads of them are then served from those fetches, each read moving the window on.
+    #[tokio::test]
+    async fn a_stream_of_reads_fetches_the_chunks_after_it() {
+        let (v, store, all) = streamed(4).await;
+        let before = store.gets.load(Ordering::SeqCst);
+        assert_eq!(read(&v, 0, CS).await, all[..CS as usize]);
+        // One read is not yet a stream.
+        assert_eq!(v.held_ahead(), Vec::<u64>::new());
+        assert_eq!(read(&v, CS, CS).await, all[CS as usize..2 * CS as usize]);
+        assert_eq!(v.held_ahead(), vec![2, 3, 4, 5]);
+        gets_reach(&store, before + 6).await;
+        for n in 2..16u64 {
+            let at = (n * CS) as usize;
+            assert_eq!(
+                read(&v, n * CS, CS).await,
+                all[at..at + CS as usize],
+                "chunk {n}"
+            );
+            let held = v.held_ahead();
+            assert!(held.len() <= 4, "{held:?}");
+            assert_eq!(held, (n + 1..(n + 5).min(16)).collect::<Vec<_>>());
+        }
+        // Every chunk was asked for once: the reads of 2..16 all came from fetches ahead.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(store.gets.load(Ordering::SeqCst), before + 16);
+    }
+
+    /// Reads in pieces of a chunk share its one fetch, and the piece that reaches the end of
+    /// the chunk lets it go.
+    #[tokio::test]
+    async fn pieces_of_a_chunk_share_its_fetch() {
+        let (v, store, all) = streamed(2).await;
+        let before = store.gets.load(Ordering::SeqCst);
+        let q = CS / 4;
+        for i in 0..12u64 {
+            let at = (i * q) as usize;
+            assert_eq!(
+                read(&v, i * q, q).await,
+                all[at..at + q as usize],
+                "piece {i}"
+            );
+        }
+        // Chunk 0 was read by its pieces (4 GETs of ranges), chunks 1 and 2 fetched whole
+        // ahead by the reads of chunk 0, 3 by those of chunk 1 and 4 by those of chunk 2.
+        gets_reach(&store, before + 8).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(store.gets.load(Ordering::SeqCst), before + 8);
+        assert_eq!(v.held_ahead(), vec![3, 4]);
+    }
+
+    /// Scattered reads fetch only what they ask for, and neither do chunks nobody wrote.
+    #[tokio::test]
+    async fn scattered_reads_and_holes_fetch_nothing_ahead() {
+        let (v, store, all) = streamed(4).await;
+        let before = store.gets.load(Ordering::SeqCst);
+        for n in [7u64, 2, 12, 5, 0, 9] {
+            let at = (n * CS) as usize;
+            assert_eq!(read(&v, n * CS, 4096).await, all[at..at + 4096]);
+        }
+        assert_eq!(v.held_ahead(), Vec::<u64>::new());
+        assert_eq!(store.gets.load(Ordering::SeqCst), before + 6);
+        // A stream into holes: of the next four chunks, 5 and 6 are trimmed.
+        v.trim(5 * CS, 2 * CS, false).await.unwrap();
+        read(&v, 3 * CS, CS).await;
+        read(&v, 4 * CS, CS).await;
+        assert_eq!(v.held_ahead(), vec![7, 8]);
+    }
+
+    /// A write, trim or zeroing of a chunk fetched ahead forgets the fetch: a read after it
+    /// reads the store again and sees the change, never the bytes fetched before it.
+    #[tokio::test]
+    async fn a_change_to_a_chunk_fetched_ahead_is_what_later_reads_see() {
+        let (v, store, _) = streamed(8).await;
+        let before = store.gets.load(Ordering::SeqCst);
+        read(&v, 0, CS).await;
+        read(&v, CS, CS).await;
+        assert_eq!(v.held_ahead(), (2..10).collect::<Vec<_>>());
+        gets_reach(&store, before + 10).await;
+        // Let the fetches finish: they hold the bytes from before the changes.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // Chunk 2 in part, 3 whole, 4 trimmed (then absent: a hole whatever is held), 5
+        // zeroed in part.
+        let new = pattern(CS, 0xa5);
+        v.write(2 * CS + 100, new.slice(..1000), false)
+            .await
+            .unwrap();
+        v.write(3 * CS, new.clone(), false).await.unwrap();
+        v.trim(4 * CS, CS, false).await.unwrap();
+        let flags = ZeroFlags {
+            fua: false,
+            fast: false,
+            no_hole: false,
+        };
+        v.write_zeroes(5 * CS + 10, 20, flags).await.unwrap();
+        let two = read(&v, 2 * CS, CS).await;
+        assert_eq!(two[100..1100], new[..1000]);
+        assert_eq!(two[..100], pattern(CS, 2)[..100]);
+        assert_eq!(read(&v, 3 * CS, CS).await, new[..]);
+        assert_eq!(read(&v, 4 * CS, CS).await, vec![0u8; CS as usize]);
+        let five = read(&v, 5 * CS, CS).await;
+        assert_eq!(five[10..30], [0u8; 20]);
+        assert_eq!(five[30..], pattern(CS, 5)[30..]);
+    }
+
+    /// A fetch started while a write of its chunk is under way is forgotten when the write
+    /// ends; a write dropped halfway forgets too.
+    #[tokio::test]
+    async fn fetches_overlapping_a_write_or_a_dropped_write_are_forgotten() {
+        let (v, _, _) = streamed(4).await;
+        let new = pattern(CS, 0x5a);
+        {
+            let mut write = std::pin::pin!(v.write(3 * CS, new.clone(), false));
+            // The write waits in the store (its PUT yields once).
+            assert!(futures::poll!(write.as_mut()).is_pending());
+            read(&v, 0, CS).await;
+            read(&v, CS, CS).await;
+            assert_eq!(v.held_ahead(), vec![2, 3, 4, 5]);
+            write.await.unwrap();
+        }
+        assert_eq!(v.held_ahead(), vec![2, 4, 5]);
+        assert_eq!(read(&v, 3 * CS, CS).await, new[..]);
+        {
+            let mut write = std::pin::pin!(v.write(5 * CS + 7, new.slice(..9), false));
+            assert!(futures::poll!(write.as_mut()).is_pending());
+        }
+        assert!(!v.held_ahead().contains(&5), "{:?}", v.held_ahead());
+    }
+
+    /// Local stores have the page cache's read-ahead, and a read-ahead of less than a chunk
+    /// is none.
+    #[tokio::test]
+    async fn local_stores_and_small_settings_read_nothing_ahead() {
+        let store: Arc<dyn ObjectStore> = Arc::new(MemoryStore::new());
+        let v = open(&store, opts("local", Some(16 * CS)))
+            .await
+            .with_readahead(8 * CS);
+        v.write(0, pattern(4 * CS, 1), false).await.unwrap();
+        read(&v, 0, CS).await;
+        read(&v, CS, CS).await;
+        assert_eq!(v.held_ahead(), Vec::<u64>::new());
+        let (v, _, _) = streamed(0).await;
+        read(&v, 0, CS).await;
+        read(&v, CS, CS).await;
+        assert_eq!(v.held_ahead(), Vec::<u64>::new());
     }
 
     #[tokio::test]
